@@ -1,0 +1,404 @@
+"""Test helpers: tiny random chat models built offline, and a guard against network access.
+
+The models are random-weight Llama-architecture causal LMs with their own byte-level BPE tokenizers, trained in code
+on a small corpus. Two presets differ in everything an ILR agent pair can differ in: vocabulary, special tokens and
+their ids, chat template, BOS handling, hidden size and embedding tying. They build in well under a second each and load
+with the plain `AutoModelForCausalLM.from_pretrained(path)` / `AutoTokenizer.from_pretrained(path)`.
+
+A random model rarely samples its EOS. Where a test needs completions that end before the length limit, bias it:
+`model.generate(..., sequence_bias=[[[eos_token_id], 2.0]])` makes most 16-token samples stop early.
+
+This module lives in the package (like `transformers.testing_utils` or `accelerate.test_utils`) rather than under
+`tests/` so that benchmarks and the offline demo can build the same models. It imports only the standard library at
+module level: `tests/conftest.py` imports it for every test run, and torch/transformers are loaded only when a model
+is actually built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import random
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+# ChatML, as used by Qwen: no BOS, every turn closed by `<|im_end|>` (also the EOS).
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Llama-3 style: the template writes the BOS itself, headers wrap the role, every turn ends with `<|eot_id|>`.
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """
+    Recipe for one tiny random chat model.
+
+    Args:
+        name (`str`):
+            Short name, used for the output folder.
+        vocab_size (`int`):
+            Target vocabulary size of the BPE trainer (special tokens included for `specials_first=True`). The final
+            vocabulary can be slightly smaller if the corpus runs out of merges; the model always matches it.
+        hidden_size (`int`):
+            Model width.
+        intermediate_size (`int`):
+            MLP width.
+        num_hidden_layers (`int`):
+            Number of decoder layers.
+        num_attention_heads (`int`):
+            Number of query heads.
+        num_key_value_heads (`int`):
+            Number of key/value heads (grouped-query attention when smaller than `num_attention_heads`).
+        tie_word_embeddings (`bool`):
+            Whether the LM head shares the input embedding matrix.
+        chat_style (`str`):
+            `"chatml"` or `"llama3"`; selects the special tokens and the chat template.
+        specials_first (`bool`):
+            Whether the special tokens take the first ids or are appended after the learned vocabulary (as in
+            Llama 3, whose special ids start at 128000). Code must never assume either layout.
+        corpus_seed (`int`):
+            Seed that shuffles and samples the training corpus, so that two specs learn different merges.
+        seed (`int`):
+            Seed for the weight initialisation.
+        max_position_embeddings (`int`, *optional*, defaults to `1024`):
+            Longest sequence the model (and tokenizer) accept.
+    """
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    tie_word_embeddings: bool
+    chat_style: str
+    specials_first: bool
+    corpus_seed: int
+    seed: int
+    max_position_embeddings: int = 1024
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """
+    A built tiny model: where it is and the facts tests usually need about its tokenizer.
+
+    Args:
+        path (`str`):
+            Folder loadable with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`.
+        spec (`TinyModelSpec`):
+            The recipe it was built from.
+        vocab_size (`int`):
+            Size of the tokenizer's vocabulary, special tokens included (equal to the model's `vocab_size`).
+        eos_token (`str`):
+            End-of-turn token, where generation stops.
+        eos_token_id (`int`):
+            Its id.
+        pad_token (`str`):
+            Padding token, distinct from the EOS.
+        pad_token_id (`int`):
+            Its id.
+        bos_token (`str` or `None`):
+            Beginning-of-sequence token, or `None` when the tokenizer has none.
+        bos_token_id (`int` or `None`):
+            Its id.
+        generation_prompt (`str`):
+            The text `apply_chat_template(..., add_generation_prompt=True)` appends to open the assistant turn.
+    """
+
+    path: str
+    spec: TinyModelSpec
+    vocab_size: int
+    eos_token: str
+    eos_token_id: int
+    pad_token: str
+    pad_token_id: int
+    bos_token: str | None
+    bos_token_id: int | None
+    generation_prompt: str
+
+
+TINY_MODEL_A = TinyModelSpec(
+    name="tiny_model_a",
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    chat_style="chatml",
+    specials_first=True,
+    corpus_seed=0,
+    seed=0,
+)
+
+TINY_MODEL_B = TinyModelSpec(
+    name="tiny_model_b",
+    vocab_size=384,
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+    chat_style="llama3",
+    specials_first=False,
+    corpus_seed=1,
+    seed=1,
+)
+
+_CHAT_STYLES = {
+    # specials (in id order), bos, eos, pad, template, generation prompt
+    "chatml": (
+        ["<pad>", "<|im_start|>", "<|im_end|>"],
+        None,
+        "<|im_end|>",
+        "<pad>",
+        CHATML_TEMPLATE,
+        "<|im_start|>assistant\n",
+    ),
+    "llama3": (
+        [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+            "<|finetune_right_pad_id|>",
+        ],
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        "<|finetune_right_pad_id|>",
+        LLAMA3_TEMPLATE,
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    ),
+}
+
+_WORDS = (
+    "Let x be a positive integer such that the sum of its digits is prime . Find the smallest value of x . "
+    "Compute the product of all real solutions of the equation . What is the probability that the answer is even ? "
+    "The area of the triangle is half the base times the height . Therefore the remainder is 3 . "
+    "We solve for y and simplify the fraction . Hence the final answer is 42 . Check each case and count . "
+    "I agree with the idea of agent one , but the analysis of step two is wrong . My peer proposed a different "
+    "solution ; after discussion we fuse both ideas . Share your reasoning , then analyse the other answers . "
+    "system user assistant question answer reasoning think step first second third total number "
+)
+_LATEX = (
+    "\\boxed{42}",
+    "\\boxed{\\frac{1}{2}}",
+    "\\frac{a}{b}",
+    "\\sqrt{2}",
+    "x^2 + y^2 = z^2",
+    "$3 \\times 4 = 12$",
+    "\\left( x + 1 \\right)",
+    "\\pi r^2",
+    "a \\cdot b",
+    "\\le",
+    "\\ge",
+    "\\neq",
+    "\\sum_{i=1}^{n} i",
+    "\\dfrac{3}{4}",
+    "\\text{cm}",
+)
+_PYTHON = (
+    "def solve(n):\n    return n * (n + 1) // 2\n",
+    "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n",
+    "import math\nclass Solution:\n    def run(self, x):\n        while x > 0:\n            x -= 1\n",
+    "assert f(3) == 6\nresult = [x for x in data if x is not None]\n",
+    "try:\n    value = int(text)\nexcept ValueError:\n    value = None\nelse:\n    pass\n",
+    "lambda a, b: a if a > b else b\nwith open(path) as f:\n    lines = f.read()\nyield True and False or None\n",
+)
+
+
+def tiny_corpus(seed: int, num_lines: int = 400) -> list[str]:
+    """
+    Build a small deterministic training corpus of maths prose, arithmetic, LaTeX and Python.
+
+    Args:
+        seed (`int`):
+            Seed for the line order and the sampled numbers; different seeds give different merges.
+        num_lines (`int`, *optional*, defaults to `400`):
+            Number of generated arithmetic/prose lines, on top of the fixed LaTeX and Python snippets.
+
+    Returns:
+        `list[str]`: The corpus lines.
+    """
+    rng = random.Random(seed)
+    words = _WORDS.split()
+    lines = [_WORDS, *_LATEX, *_PYTHON]
+    for _ in range(num_lines):
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        op, result = rng.choice([("+", a + b), ("-", a - b), ("\\times", a * b)])
+        prose = " ".join(rng.choices(words, k=8))
+        lines.append(f"{prose} {a} {op} {b} = \\boxed{{{result}}} {rng.choice(_LATEX)}")
+    rng.shuffle(lines)
+    return lines
+
+
+def _build_tokenizer(spec: TinyModelSpec):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials, bos, eos, pad, template, _ = _CHAT_STYLES[spec.chat_style]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    num_learned = spec.vocab_size if spec.specials_first else spec.vocab_size - len(specials)
+    trainer = trainers.BpeTrainer(
+        vocab_size=num_learned,
+        special_tokens=specials if spec.specials_first else [],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(tiny_corpus(spec.corpus_seed), trainer=trainer)
+    if not spec.specials_first:
+        backend.add_special_tokens(specials)
+    if bos is not None:
+        # Like Llama 3: a plain `tokenizer(text)` prepends the BOS; chat templates write it themselves.
+        bos_id = backend.token_to_id(bos)
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        chat_template=template,
+        model_max_length=spec.max_position_embeddings,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_tiny_model(spec: TinyModelSpec, output_dir: str | Path) -> TinyModel:
+    """
+    Train the tokenizer, initialise the random model and save both to `output_dir`.
+
+    Deterministic: the same spec always gives the same tokenizer and the same weights. The global torch RNG state is
+    left untouched.
+
+    Args:
+        spec (`TinyModelSpec`):
+            What to build, e.g. [`TINY_MODEL_A`] or [`TINY_MODEL_B`].
+        output_dir (`str` or `Path`):
+            Folder to save into (created if missing).
+
+    Returns:
+        [`TinyModel`]: The saved model's path and tokenizer facts.
+    """
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    output_dir = Path(output_dir)
+    tokenizer = _build_tokenizer(spec)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = LlamaForCausalLM(config)
+    # Explicit ids, so that `generate` stops at the end of the turn and pads with the real pad token.
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return TinyModel(
+        path=str(output_dir),
+        spec=spec,
+        vocab_size=len(tokenizer),
+        eos_token=tokenizer.eos_token,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token=tokenizer.pad_token,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token=tokenizer.bos_token,
+        bos_token_id=tokenizer.bos_token_id,
+        generation_prompt=_CHAT_STYLES[spec.chat_style][5],
+    )
+
+
+class NetworkAccessBlockedError(RuntimeError):
+    """Raised by [`block_network`] when code tries to reach a non-loopback address."""
+
+
+def _is_local_address(address: object) -> bool:
+    # Unix sockets, netlink and the like are not network access.
+    if not isinstance(address, tuple) or not address or not isinstance(address[0], str):
+        return True
+    host = address[0].split("%", 1)[0]  # strip an IPv6 zone id ("fe80::1%eth0")
+    if host in ("", "localhost") or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a host name other than localhost: refuse without resolving it
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    # Connecting to 0.0.0.0 / :: reaches this machine.
+    return ip.is_loopback or ip.is_unspecified
+
+
+@contextlib.contextmanager
+def block_network() -> Iterator[None]:
+    """
+    Make every connection to a non-loopback address raise [`NetworkAccessBlockedError`] inside the block.
+
+    Loopback (`127.0.0.0/8`, `::1`, `localhost`) and Unix sockets stay allowed, so local servers can be tested. The
+    error is deliberately not an `OSError`: HTTP clients catch those and retry or fall back silently, while a test
+    that touches the network should fail at once, naming the address.
+    """
+    original_connect = socket.socket.connect
+    original_connect_ex = socket.socket.connect_ex
+
+    def check(address: object) -> None:
+        if not _is_local_address(address):
+            raise NetworkAccessBlockedError(
+                f"Network access to {address!r} is blocked in tests. Use a local file or a tiny model built with "
+                "`ilr.testing.build_tiny_model`, or a server on 127.0.0.1."
+            )
+
+    def guarded_connect(self: socket.socket, address: object) -> None:
+        check(address)
+        return original_connect(self, address)
+
+    def guarded_connect_ex(self: socket.socket, address: object) -> int:
+        check(address)
+        return original_connect_ex(self, address)
+
+    socket.socket.connect = guarded_connect
+    socket.socket.connect_ex = guarded_connect_ex
+    try:
+        yield
+    finally:
+        socket.socket.connect = original_connect
+        socket.socket.connect_ex = original_connect_ex

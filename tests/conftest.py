@@ -1,0 +1,72 @@
+"""Shared test set-up: offline Hub, no network, seeded RNGs and the tiny fixture models.
+
+Kept lean on purpose: it runs for every test file, so it imports nothing heavy. torch and transformers are loaded
+only when a fixture needs them.
+"""
+
+import contextlib
+import os
+import random
+import sys
+
+import pytest
+
+from ilr.testing import TINY_MODEL_A, TINY_MODEL_B, TinyModel, block_network, build_tiny_model
+
+
+# Set before any test module imports huggingface_hub/transformers/datasets, which read them at import time. Without
+# them an accidental Hub call stalls for tens of seconds before failing; with them it fails at once.
+for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
+    os.environ[_name] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # keeps failure output readable
+# The tiny tokenizers train with Rust threads; without this, tests that fork later (process pools) warn and may hang.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SEED = 42
+
+_network_guard = contextlib.ExitStack()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A hook rather than a fixture, so that collection (module imports) and session fixtures are covered too.
+    _network_guard.enter_context(block_network())
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _network_guard.close()
+
+
+@pytest.fixture(autouse=True)
+def _seed_rngs() -> None:
+    """Seed Python's RNG and, if already imported, numpy's and torch's before every test."""
+    random.seed(SEED)
+    # A library not imported yet is seeded below on a later test; importing torch just for this would slow down the
+    # pure-Python tests (and torch starts from a fixed default seed anyway).
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(SEED)
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_a_info(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """Tiny Llama (hidden 64, tied embeddings) with a ChatML tokenizer of 512 ids; built once per run."""
+    return build_tiny_model(TINY_MODEL_A, tmp_path_factory.mktemp("tiny_model_a"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_b_info(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """Tiny Llama (hidden 48, untied) with a Llama-3-style tokenizer of 384 ids; built once per run."""
+    return build_tiny_model(TINY_MODEL_B, tmp_path_factory.mktemp("tiny_model_b"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_a(tiny_model_a_info: TinyModel) -> str:
+    """Path of tiny model A, for `from_pretrained`."""
+    return tiny_model_a_info.path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_b(tiny_model_b_info: TinyModel) -> str:
+    """Path of tiny model B, for `from_pretrained`."""
+    return tiny_model_b_info.path
