@@ -1,0 +1,1034 @@
+"""Benchmarks and training data for ILR.
+
+Every loader returns rows in one canonical schema (see `CANONICAL_FEATURES`):
+
+- `id` (`str`): the benchmark's own id (the row index when it has none), prefixed with `<source>/` inside composite
+  benchmarks such as `aime`.
+- `problem` (`str`): the text shown to the model. MBPP: the task text plus its first test, so the function name is
+  known. HumanEval: the prompt (signature and docstring).
+- `answer` (`str`): the gold final answer for maths, `""` for code.
+- `tests` (`list[str]`): standalone test snippets for code (each runs after the solution and `setup`), `[]` for maths.
+- `setup` (`str`): code to run before the tests (MBPP's `test_setup_code` / `test_imports`), often `""`.
+- `entry_point` (`str`): the function under test for code, `""` for maths.
+- `task` (`str`): `"math"` or `"code"`.
+- `source` (`str`): the benchmark name.
+
+Rows without a usable gold (no extractable answer, or no tests) are dropped and counted in the log, never kept with an
+empty gold. Each benchmark's Hub id, config, split and raw columns live only in `BENCHMARKS`; local files passed as
+`data_files` must use that same raw schema.
+"""
+
+import ast
+import builtins
+import contextlib
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+from datasets import Dataset, DatasetDict, Features, IterableDataset, List, Value
+
+from ilr.prompts import render
+
+
+__all__ = [
+    "BENCHMARKS",
+    "CANONICAL_COLUMNS",
+    "CANONICAL_FEATURES",
+    "BenchmarkSpec",
+    "add_prompt_column",
+    "build_prompt",
+    "extract_gold",
+    "extract_gsm8k_answer",
+    "extract_last_boxed",
+    "get_spec",
+    "load_benchmark",
+    "load_custom_dataset",
+    "load_math_split",
+    "make_math_split",
+    "normalize_example",
+    "normalize_problem_text",
+    "split_humaneval_tests",
+]
+
+logger = logging.getLogger(__name__)
+
+Task = Literal["math", "code"]
+AnswerFormat = Literal["plain", "boxed", "gsm8k", "list"]
+TestsFormat = Literal["mbpp", "humaneval"]
+
+CANONICAL_FEATURES = Features(
+    {
+        "id": Value("string"),
+        "problem": Value("string"),
+        "answer": Value("string"),
+        "tests": List(Value("string")),
+        "setup": Value("string"),
+        "entry_point": Value("string"),
+        "task": Value("string"),
+        "source": Value("string"),
+    }
+)
+CANONICAL_COLUMNS: tuple[str, ...] = tuple(CANONICAL_FEATURES)
+
+_ANSWER_FORMATS = ("plain", "boxed", "gsm8k", "list")
+_TEMPLATES = {"math": "math_single", "code": "code_single"}
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """
+    Where a benchmark lives and how its raw rows map onto the canonical schema.
+
+    Args:
+        name (`str`):
+            Registry key, written to the `source` column.
+        hub_id (`str` or `None`):
+            Hugging Face Hub dataset id; `None` for composite benchmarks or local-only data.
+        config (`str` or `None`, *optional*, defaults to `None`):
+            Hub config (subset) name.
+        split (`str`, *optional*, defaults to `"test"`):
+            Hub split; `datasets` split syntax such as `"train+test"` is allowed.
+        task (`str`, *optional*, defaults to `"math"`):
+            `"math"` or `"code"`.
+        question_column (`str`, *optional*, defaults to `"problem"`):
+            Raw column holding the problem text (task text for MBPP, prompt for HumanEval).
+        answer_column (`str` or `None`, *optional*, defaults to `"answer"`):
+            Raw column holding the gold answer (maths only).
+        answer_format (`str`, *optional*, defaults to `"plain"`):
+            How to read the gold from `answer_column`: `"plain"` (the value as is; lists joined with `", "`),
+            `"boxed"` (last `\\boxed{}` of a solution), `"gsm8k"` (text after `#### `, commas removed) or `"list"`
+            (a list of answers, each stripped of enclosing `$`, joined with `", "`).
+        fallback_answer_column (`str` or `None`, *optional*, defaults to `None`):
+            Column read with `fallback_answer_format` when the main one yields no gold.
+        fallback_answer_format (`str`, *optional*, defaults to `"boxed"`):
+            Format of `fallback_answer_column`.
+        id_column (`str` or `None`, *optional*, defaults to `None`):
+            Raw id column; the row index is used when `None`.
+        tests_column (`str` or `None`, *optional*, defaults to `None`):
+            Raw column with the tests (code only).
+        tests_format (`str`, *optional*, defaults to `"mbpp"`):
+            `"mbpp"` (a list of assert statements; the first is shown in the problem) or `"humaneval"` (a
+            `check(candidate)` program, split into single asserts by [`split_humaneval_tests`]).
+        setup_column (`str` or `None`, *optional*, defaults to `None`):
+            Raw column with setup code (a string or a list of lines).
+        entry_point_column (`str` or `None`, *optional*, defaults to `None`):
+            Raw column naming the function under test; otherwise inferred from the tests and `code_column`.
+        code_column (`str` or `None`, *optional*, defaults to `None`):
+            Raw column with the reference solution, used only to infer the entry point.
+        n_expected (`int` or `None`, *optional*, defaults to `None`):
+            Number of rows in the official split, for sanity checks and documentation.
+        sources (`tuple[str, ...]`, *optional*, defaults to `()`):
+            For a composite benchmark: the registry names whose rows are concatenated, in order.
+        notes (`str`, *optional*, defaults to `""`):
+            Provenance and caveats.
+    """
+
+    name: str
+    hub_id: str | None
+    config: str | None = None
+    split: str = "test"
+    task: Task = "math"
+    question_column: str = "problem"
+    answer_column: str | None = "answer"
+    answer_format: AnswerFormat = "plain"
+    fallback_answer_column: str | None = None
+    fallback_answer_format: AnswerFormat = "boxed"
+    id_column: str | None = None
+    tests_column: str | None = None
+    tests_format: TestsFormat = "mbpp"
+    setup_column: str | None = None
+    entry_point_column: str | None = None
+    code_column: str | None = None
+    n_expected: int | None = None
+    sources: tuple[str, ...] = field(default=())
+    notes: str = ""
+
+    def __post_init__(self):
+        if self.task not in ("math", "code"):
+            raise ValueError(f"{self.name}: task must be 'math' or 'code', got {self.task!r}.")
+        for fmt in (self.answer_format, self.fallback_answer_format):
+            if fmt not in _ANSWER_FORMATS:
+                raise ValueError(f"{self.name}: answer format must be one of {_ANSWER_FORMATS}, got {fmt!r}.")
+        if self.tests_format not in ("mbpp", "humaneval"):
+            raise ValueError(f"{self.name}: tests_format must be 'mbpp' or 'humaneval', got {self.tests_format!r}.")
+        if self.task == "math" and not self.sources and self.answer_column is None:
+            raise ValueError(f"{self.name}: a maths benchmark needs an answer_column.")
+        if self.task == "code" and not self.sources and self.tests_column is None:
+            raise ValueError(f"{self.name}: a code benchmark needs a tests_column.")
+
+    @property
+    def raw_columns(self) -> tuple[str, ...]:
+        """The raw columns this spec reads (the fallback answer column is optional)."""
+        cols = (
+            self.question_column,
+            self.answer_column if self.task == "math" else None,
+            self.id_column,
+            self.tests_column,
+            self.setup_column,
+            self.entry_point_column,
+        )
+        return tuple(c for c in cols if c)
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    spec.name: spec
+    for spec in [
+        BenchmarkSpec(
+            name="gsm8k",
+            hub_id="openai/gsm8k",
+            config="main",
+            split="test",
+            question_column="question",
+            answer_column="answer",
+            answer_format="gsm8k",
+            n_expected=1319,
+            notes="Columns question/answer; the answer is a worked solution ending in '#### <number>'.",
+        ),
+        BenchmarkSpec(
+            name="math500",
+            hub_id="HuggingFaceH4/MATH-500",
+            split="test",
+            question_column="problem",
+            answer_column="answer",
+            fallback_answer_column="solution",
+            fallback_answer_format="boxed",
+            id_column="unique_id",
+            n_expected=500,
+            notes="PRM800K's 500-problem subset of the MATH test split. Columns problem/solution/answer/subject/"
+            "level/unique_id.",
+        ),
+        BenchmarkSpec(
+            name="minerva",
+            hub_id="math-ai/minervamath",
+            split="test",
+            question_column="question",
+            answer_column="answer",
+            n_expected=272,
+            notes="Minerva Math (OCWCourses). Columns question/answer; no id column.",
+        ),
+        BenchmarkSpec(
+            name="olympiadbench",
+            hub_id="Hothan/OlympiadBench",
+            config="OE_TO_maths_en_COMP",
+            split="train",
+            question_column="question",
+            answer_column="final_answer",
+            answer_format="list",
+            id_column="id",
+            n_expected=675,
+            notes="Open-ended, text-only, English maths competition subset; the mirror ships it as the 'train' split. "
+            "final_answer is a list of strings (several for is_multiple_answer rows); the unit and context columns "
+            "are not used.",
+        ),
+        BenchmarkSpec(
+            name="aime24",
+            hub_id="HuggingFaceH4/aime_2024",
+            split="train",
+            question_column="problem",
+            answer_column="answer",
+            id_column="id",
+            n_expected=30,
+            notes="AIME 2024 I+II. Columns id/problem/solution/answer/url/year; only a 'train' split.",
+        ),
+        BenchmarkSpec(
+            name="aime25",
+            hub_id="math-ai/aime25",
+            split="test",
+            question_column="problem",
+            answer_column="answer",
+            id_column="id",
+            n_expected=30,
+            notes="AIME 2025 I+II. Columns problem/answer/id.",
+        ),
+        BenchmarkSpec(
+            name="aime",
+            hub_id=None,
+            sources=("aime24", "aime25"),
+            n_expected=60,
+            notes="AIME 2024 + 2025 as one 60-problem benchmark, as reported in the paper: the rows of aime24 then "
+            "aime25, ids prefixed with their source; `source` keeps the year for per-year breakdowns.",
+        ),
+        BenchmarkSpec(
+            name="mbpp",
+            hub_id="google-research-datasets/mbpp",
+            config="full",
+            split="test",
+            task="code",
+            question_column="text",
+            answer_column=None,
+            id_column="task_id",
+            tests_column="test_list",
+            setup_column="test_setup_code",
+            code_column="code",
+            n_expected=500,
+            notes="Full MBPP test split (task ids 11-510). challenge_test_list is not used.",
+        ),
+        BenchmarkSpec(
+            name="mbpp_sanitized",
+            hub_id="google-research-datasets/mbpp",
+            config="sanitized",
+            split="test",
+            task="code",
+            question_column="prompt",
+            answer_column=None,
+            id_column="task_id",
+            tests_column="test_list",
+            setup_column="test_imports",
+            code_column="code",
+            n_expected=257,
+            notes="Hand-verified MBPP subset; test_imports is a list of import lines.",
+        ),
+        BenchmarkSpec(
+            name="humaneval",
+            hub_id="openai/openai_humaneval",
+            split="test",
+            task="code",
+            question_column="prompt",
+            answer_column=None,
+            id_column="task_id",
+            tests_column="test",
+            tests_format="humaneval",
+            entry_point_column="entry_point",
+            code_column="canonical_solution",
+            n_expected=164,
+            notes="Columns task_id/prompt/canonical_solution/test/entry_point. The completion is judged as a whole "
+            "program, so the prompt (signature + docstring) is the problem.",
+        ),
+        BenchmarkSpec(
+            name="math_train",
+            hub_id="DigitalLearningGmbH/MATH-lighteval",
+            config="default",
+            split="train+test",
+            question_column="problem",
+            answer_column="solution",
+            answer_format="boxed",
+            n_expected=12500,
+            notes="The full MATH pool (train 7,500 + test 5,000), columns problem/level/solution/type. Gold is the "
+            "last \\boxed{} of the solution. Use `load_math_split` for the paper's 11k/1k split without MATH-500.",
+        ),
+    ]
+}
+
+
+def get_spec(name_or_spec: str | BenchmarkSpec) -> BenchmarkSpec:
+    """
+    Look a benchmark up in the registry.
+
+    Args:
+        name_or_spec (`str` or `BenchmarkSpec`):
+            Registry name, or a spec (returned unchanged).
+
+    Returns:
+        `BenchmarkSpec`: The spec.
+    """
+    if isinstance(name_or_spec, BenchmarkSpec):
+        return name_or_spec
+    try:
+        return BENCHMARKS[name_or_spec]
+    except KeyError:
+        raise KeyError(
+            f"Unknown benchmark {name_or_spec!r}. Registered: {', '.join(BENCHMARKS)}. "
+            "For other datasets use `load_custom_dataset`."
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gold extraction
+
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+
+
+def _read_braced(text: str, start: int) -> str | None:
+    """Content of the `{...}` group opening at `text[start]`, honouring nesting; escaped `\\{ \\}` are literal."""
+    depth = 0
+    i = start
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 2  # `\{`, `\}` and `\\` never open or close a group
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i]
+        i += 1
+    return None
+
+
+def extract_last_boxed(text: str | None) -> str | None:
+    """
+    Content of the last `\\boxed{...}` (or `\\fbox{...}`) in a text, with balanced-brace parsing.
+
+    Only the last occurrence is read: if it is malformed the result is `None` rather than an earlier box, which may
+    be an intermediate result. `\\boxed 5` (no braces) yields the next token.
+
+    Args:
+        text (`str` or `None`):
+            A solution or a model completion.
+
+    Returns:
+        `str` or `None`: The stripped box content, or `None` when there is no complete box.
+    """
+    if not text:
+        return None
+    matches = list(_BOXED_RE.finditer(text))
+    if not matches:
+        return None
+    pos = matches[-1].end()
+    rest = text[pos:]
+    stripped = rest.lstrip()
+    if stripped.startswith("{"):
+        content = _read_braced(text, pos + len(rest) - len(stripped))
+        return content.strip() if content is not None else None
+    if rest[:1].isspace() and stripped:
+        # `\boxed 5$`: the argument is a single token.
+        token = re.match(r"[^\s$]+", stripped)
+        return token.group(0) if token else None
+    return None
+
+
+def extract_gsm8k_answer(text: str | None) -> str | None:
+    """
+    GSM8K gold: the text after the last `####`, with thousands separators removed.
+
+    Args:
+        text (`str` or `None`):
+            A GSM8K `answer` field.
+
+    Returns:
+        `str` or `None`: E.g. `"1200"` for `"... #### 1,200"`, or `None` without a `####` marker.
+    """
+    if not text or "####" not in text:
+        return None
+    answer = text.rsplit("####", 1)[1].strip().replace(",", "")
+    return answer or None
+
+
+def _strip_dollars(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] == "$" and "$" not in text[1:-1]:
+        return text[1:-1].strip()
+    return text
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(t for t in (_as_text(v) for v in value) if t)
+    return str(value).strip()
+
+
+def extract_gold(value: Any, answer_format: AnswerFormat) -> str | None:
+    """
+    Read a gold answer from a raw field.
+
+    Args:
+        value (`Any`):
+            The raw field: a string, a number or a list of strings.
+        answer_format (`str`):
+            `"plain"`, `"boxed"`, `"gsm8k"` or `"list"`; see [`BenchmarkSpec`].
+
+    Returns:
+        `str` or `None`: The gold answer, or `None` when it is missing or cannot be extracted.
+    """
+    if answer_format == "plain":
+        gold = _as_text(value)
+    elif answer_format == "list":
+        items = value if isinstance(value, (list, tuple)) else [value]
+        gold = ", ".join(t for t in (_strip_dollars(_as_text(v)) for v in items) if t)
+    elif answer_format == "boxed":
+        gold = extract_last_boxed(value if isinstance(value, str) else _as_text(value))
+    elif answer_format == "gsm8k":
+        gold = extract_gsm8k_answer(value if isinstance(value, str) else _as_text(value))
+    else:
+        raise ValueError(f"Unknown answer format {answer_format!r}; expected one of {_ANSWER_FORMATS}.")
+    return gold or None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Code tests
+
+
+def _is_inert(node: ast.stmt) -> bool:
+    """Module-level statements of HumanEval tests that no assert depends on: METADATA and docstrings."""
+    if isinstance(node, ast.Assign):
+        return all(isinstance(t, ast.Name) and t.id == "METADATA" for t in node.targets)
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+
+
+def split_humaneval_tests(test: str, entry_point: str) -> list[str]:
+    """
+    Split a HumanEval `check(candidate)` program into standalone assert snippets.
+
+    Each snippet binds the check's parameter to the entry point, e.g. `candidate = add\\nassert candidate(1, 2) == 3`.
+    Module-level imports are repeated in every snippet; `METADATA` is dropped, and so are trivial `assert True` lines.
+    When the program cannot be split safely (the check body holds anything but asserts, or the module defines helpers
+    the asserts may need), the whole program followed by `check(<entry_point>)` is returned as a single test.
+
+    Args:
+        test (`str`):
+            HumanEval's `test` field.
+        entry_point (`str`):
+            Name of the function under test.
+
+    Returns:
+        `list[str]`: The test snippets (at least one).
+    """
+    whole = [f"{test.rstrip()}\n\n\ncheck({entry_point})\n"]
+    try:
+        tree = ast.parse(test)
+    except SyntaxError:
+        return whole
+    checks = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"]
+    if len(checks) != 1 or len(checks[0].args.args) != 1:
+        return whole
+    check = checks[0]
+    imports = []
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            imports.append(ast.get_source_segment(test, node))
+        elif node is not check and not _is_inert(node):
+            return whole
+    if None in imports:
+        return whole
+    preamble = "".join(f"{line}\n" for line in imports)
+    param = check.args.args[0].arg
+    snippets = []
+    for stmt in check.body:
+        if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
+            continue
+        if not isinstance(stmt, ast.Assert):
+            return whole
+        if isinstance(stmt.test, ast.Constant) and stmt.test.value is True:
+            continue
+        source = ast.get_source_segment(test, stmt)
+        if source is None:
+            return whole
+        snippets.append(f"{preamble}{param} = {entry_point}\n{source}\n")
+    return snippets or whole
+
+
+_BUILTINS = frozenset(dir(builtins))
+
+
+def _infer_entry_point(tests: list[str], code: str | None) -> str:
+    """The first non-builtin function called in the tests, preferring names the reference code defines."""
+    called: list[str] = []
+    for snippet in tests:
+        try:
+            tree = ast.parse(snippet)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            is_call = isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            if is_call and node.func.id not in _BUILTINS and node.func.id not in called:
+                called.append(node.func.id)
+    defined: set[str] = set()
+    if code:
+        with contextlib.suppress(SyntaxError):
+            defined = {n.name for n in ast.parse(code).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    for name in called:
+        if name in defined:
+            return name
+    return called[0] if called else ""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Normalisation
+
+
+def normalize_example(example: dict[str, Any], index: int, spec: BenchmarkSpec) -> dict[str, Any]:
+    """
+    Map one raw row onto the canonical schema.
+
+    The gold may come out empty (`answer == ""` for maths, `tests == []` for code); `load_benchmark` drops such rows.
+
+    Args:
+        example (`dict`):
+            A raw row in the benchmark's own schema.
+        index (`int`):
+            Row index, used as the id when the spec has no id column.
+        spec (`BenchmarkSpec`):
+            The benchmark.
+
+    Returns:
+        `dict`: A row with exactly the columns of `CANONICAL_FEATURES`.
+    """
+    raw_id = example.get(spec.id_column) if spec.id_column else None
+    row = {
+        "id": str(raw_id) if raw_id is not None and str(raw_id) != "" else str(index),
+        "problem": _as_text(example[spec.question_column]) if spec.task == "math" else example[spec.question_column],
+        "answer": "",
+        "tests": [],
+        "setup": "",
+        "entry_point": "",
+        "task": spec.task,
+        "source": spec.name,
+    }
+    if spec.task == "math":
+        gold = extract_gold(example.get(spec.answer_column), spec.answer_format)
+        if gold is None and spec.fallback_answer_column:
+            gold = extract_gold(example.get(spec.fallback_answer_column), spec.fallback_answer_format)
+        row["answer"] = gold or ""
+        return row
+
+    raw_tests = example.get(spec.tests_column)
+    setup = example.get(spec.setup_column) if spec.setup_column else None
+    row["setup"] = "\n".join(setup) if isinstance(setup, (list, tuple)) else (setup or "")
+    entry_point = _as_text(example.get(spec.entry_point_column)) if spec.entry_point_column else ""
+    if spec.tests_format == "humaneval":
+        tests = split_humaneval_tests(raw_tests, entry_point) if raw_tests and entry_point else []
+    else:
+        tests = [t for t in (raw_tests or []) if t and t.strip()]
+        if not entry_point:
+            entry_point = _infer_entry_point(tests, example.get(spec.code_column) if spec.code_column else None)
+        if tests:
+            # The first test shows the expected function name and signature, as in the MBPP paper's prompt.
+            row["problem"] = f"{row['problem'].strip()}\nYour code should pass this test:\n{tests[0]}"
+    row["tests"] = tests
+    row["entry_point"] = entry_point
+    return row
+
+
+def _has_gold(row: dict[str, Any]) -> bool:
+    return bool(row["answer"]) if row["task"] == "math" else bool(row["tests"])
+
+
+class _DropLogger:
+    """Filter predicate for streamed datasets, which cannot be counted up front: logs each dropped row as it goes."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.dropped = 0
+
+    def __call__(self, row: dict[str, Any]) -> bool:
+        if _has_gold(row):
+            return True
+        self.dropped += 1
+        logger.warning("%s: dropped row %s without a usable gold (%d so far).", self.name, row["id"], self.dropped)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_offline() -> bool:
+    return datasets.config.HF_HUB_OFFLINE or _env_flag("HF_HUB_OFFLINE") or _env_flag("HF_DATASETS_OFFLINE")
+
+
+def _as_file_list(data_files: str | os.PathLike | list) -> list[str]:
+    files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
+    if not files:
+        raise ValueError("`data_files` is empty.")
+    return [os.fspath(f) for f in files]
+
+
+def _builder_for(files: list[str]) -> str:
+    builders = set()
+    for f in files:
+        suffixes = [s for s in Path(f).suffixes if s != ".gz"]
+        builder = _BUILDERS.get(suffixes[-1].lower() if suffixes else "")
+        if builder is None:
+            raise ValueError(f"Cannot tell the format of {f!r}; use one of {', '.join(_BUILDERS)}.")
+        builders.add(builder)
+    if len(builders) > 1:
+        raise ValueError(f"`data_files` mixes formats ({', '.join(sorted(builders))}); pass files of one format.")
+    return builders.pop()
+
+
+def _load_hub(
+    spec: BenchmarkSpec, split: str, streaming: bool, load_kwargs: dict[str, Any]
+) -> Dataset | IterableDataset:
+    return datasets.load_dataset(spec.hub_id, spec.config, split=split, streaming=streaming, **load_kwargs)
+
+
+def _load_raw(
+    spec: BenchmarkSpec,
+    data_files: str | list[str] | None,
+    split: str | None,
+    streaming: bool,
+    load_kwargs: dict[str, Any],
+) -> Dataset | IterableDataset:
+    """One benchmark's rows in its own raw schema, from local files or the Hub."""
+    if data_files is not None:
+        files = _as_file_list(data_files)
+        missing = [f for f in files if not any(c in f for c in "*?[") and not os.path.exists(f)]
+        if missing:
+            raise FileNotFoundError(f"{spec.name}: data files not found: {missing}")
+        # Local files form a single split, which `datasets` names "train".
+        return datasets.load_dataset(
+            _builder_for(files), data_files=files, split="train", streaming=streaming, **load_kwargs
+        )
+    if spec.hub_id is None:
+        raise ValueError(f"{spec.name} has no Hub id; pass `data_files` with local files in its raw schema.")
+    hub_split = split or spec.split
+    if _hub_offline():
+        hint = (
+            f"Cannot load {spec.name!r} ({spec.hub_id}, config={spec.config}, split={hub_split}) from the Hub: "
+            f"offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and it is not in the local cache. Pass "
+            f"`data_files=` with local jsonl/parquet files in the dataset's raw schema (columns: "
+            f"{', '.join(spec.raw_columns)}), or unset HF_HUB_OFFLINE to download it."
+        )
+        if not datasets.config.HF_HUB_OFFLINE:
+            # The flag was set after `datasets` was imported, so `datasets` would still go online: stop here.
+            raise ConnectionError(hint)
+        try:  # offline `datasets` only looks at the local cache, and fails at once when the dataset is not there
+            return _load_hub(spec, hub_split, streaming, load_kwargs)
+        except (OSError, ValueError) as err:
+            raise ConnectionError(hint) from err
+    return _load_hub(spec, hub_split, streaming, load_kwargs)
+
+
+def _normalize(raw: Dataset | IterableDataset, spec: BenchmarkSpec) -> Dataset | IterableDataset:
+    fn = partial(normalize_example, spec=spec)
+    if isinstance(raw, Dataset):
+        missing = [c for c in spec.raw_columns if c not in raw.column_names]
+        if missing:
+            raise ValueError(
+                f"{spec.name}: raw data lacks columns {missing} (has {raw.column_names}). Local files must use the "
+                "benchmark's own raw schema."
+            )
+        ds = raw.map(fn, with_indices=True, remove_columns=raw.column_names, features=CANONICAL_FEATURES)
+        before = len(ds)
+        ds = ds.filter(_has_gold)
+        if len(ds) < before:
+            logger.warning("%s: dropped %d of %d rows without a usable gold.", spec.name, before - len(ds), before)
+        if len(ds) == 0:
+            raise ValueError(f"{spec.name}: none of the {before} rows has a usable gold answer or tests.")
+        return ds
+    # Streamed features are often unknown, so the raw columns are dropped by selection rather than by name.
+    ds = raw.map(fn, with_indices=True).select_columns(list(CANONICAL_COLUMNS)).cast(CANONICAL_FEATURES)
+    ds = ds.filter(_DropLogger(spec.name))
+    if next(iter(ds.take(1)), None) is None:
+        raise ValueError(f"{spec.name}: the stream has no row with a usable gold answer or tests.")
+    return ds
+
+
+def _prefix_ids(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": f"{row['source']}/{row['id']}"}
+
+
+def load_benchmark(
+    name_or_spec: str | BenchmarkSpec,
+    *,
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None,
+    split: str | None = None,
+    streaming: bool = False,
+    limit: int | None = None,
+    **load_kwargs: Any,
+) -> Dataset | IterableDataset:
+    """
+    Load a benchmark in the canonical schema, from the Hub or from local files.
+
+    Rows whose gold is missing or cannot be extracted are dropped, with a logged count (streamed: one warning per
+    dropped row), and a `ValueError` is raised when no usable row is left; a stream is read up to its first usable row
+    to check this. With `HF_HUB_OFFLINE=1` and no `data_files`, only the local Hugging Face cache is tried and a
+    `ConnectionError` naming `data_files` is raised at once when the dataset is not there.
+
+    Args:
+        name_or_spec (`str` or `BenchmarkSpec`):
+            A key of `BENCHMARKS` or a spec (e.g. from `load_custom_dataset`).
+        data_files (`str`, `list[str]` or `dict[str, str | list[str]]`, *optional*, defaults to `None`):
+            Local jsonl/json/parquet/csv files in the benchmark's own raw schema (the Hub columns listed in its spec).
+            For a composite benchmark such as `aime`, a dict from component name to its files.
+        split (`str`, *optional*, defaults to `None`):
+            Hub split, overriding the spec's; ignored for local files, which form one split, and for composite
+            benchmarks.
+        streaming (`bool`, *optional*, defaults to `False`):
+            Return an `IterableDataset` that reads rows lazily.
+        limit (`int`, *optional*, defaults to `None`):
+            Keep only the first `limit` usable rows.
+        **load_kwargs:
+            Passed to `datasets.load_dataset` (e.g. `revision`, `cache_dir`).
+
+    Returns:
+        `datasets.Dataset` or `datasets.IterableDataset`: Rows with the columns of `CANONICAL_FEATURES`.
+    """
+    spec = get_spec(name_or_spec)
+    if limit is not None and limit < 0:
+        raise ValueError(f"`limit` must be >= 0, got {limit}.")
+    if spec.sources:
+        if data_files is not None and not isinstance(data_files, dict):
+            raise ValueError(
+                f"{spec.name} combines {', '.join(spec.sources)}: pass `data_files` as a dict from component name "
+                "to files."
+            )
+        files = data_files or {}
+        unknown = set(files) - set(spec.sources)
+        if unknown:
+            raise ValueError(f"{spec.name}: `data_files` names unknown components {sorted(unknown)}.")
+        parts = [
+            load_benchmark(src, data_files=files.get(src), split=None, streaming=streaming, **load_kwargs).map(
+                _prefix_ids
+            )
+            for src in spec.sources
+        ]
+        ds = datasets.concatenate_datasets(parts)
+    else:
+        if isinstance(data_files, dict):
+            raise ValueError(f"{spec.name}: `data_files` must be a path or a list of paths.")
+        ds = _normalize(_load_raw(spec, data_files, split, streaming, load_kwargs), spec)
+    if limit is not None:
+        ds = ds.take(limit) if isinstance(ds, IterableDataset) else ds.select(range(min(limit, len(ds))))
+    return ds
+
+
+def _looks_local(path: str) -> bool:
+    return os.path.exists(path) or any(path.lower().endswith(ext) for ext in (*_BUILDERS, ".gz"))
+
+
+def load_custom_dataset(
+    path_or_hub_id: str | list[str],
+    *,
+    question_column: str,
+    answer_column: str,
+    answer_format: AnswerFormat = "plain",
+    config: str | None = None,
+    split: str = "train",
+    id_column: str | None = None,
+    name: str | None = None,
+    streaming: bool = False,
+    limit: int | None = None,
+    **load_kwargs: Any,
+) -> Dataset | IterableDataset:
+    """
+    Load a maths dataset that is not in the registry, in the canonical schema.
+
+    Args:
+        path_or_hub_id (`str` or `list[str]`):
+            A Hub dataset id, or local jsonl/json/parquet/csv file(s) (recognised by existing or by their suffix).
+        question_column (`str`):
+            Column with the problem text.
+        answer_column (`str`):
+            Column with the gold answer, or with a solution to extract it from.
+        answer_format (`str`, *optional*, defaults to `"plain"`):
+            `"plain"`, `"boxed"`, `"gsm8k"` or `"list"`; see [`BenchmarkSpec`].
+        config (`str`, *optional*, defaults to `None`):
+            Hub config name.
+        split (`str`, *optional*, defaults to `"train"`):
+            Hub split; ignored for local files.
+        id_column (`str`, *optional*, defaults to `None`):
+            Id column; the row index is used when `None`.
+        name (`str`, *optional*, defaults to `None`):
+            Value of the `source` column; defaults to the file stem or the Hub id.
+        streaming (`bool`, *optional*, defaults to `False`):
+            Return an `IterableDataset`.
+        limit (`int`, *optional*, defaults to `None`):
+            Keep only the first `limit` usable rows.
+        **load_kwargs:
+            Passed to `datasets.load_dataset`.
+
+    Returns:
+        `datasets.Dataset` or `datasets.IterableDataset`: Rows with the columns of `CANONICAL_FEATURES`.
+    """
+    local = not isinstance(path_or_hub_id, str) or _looks_local(path_or_hub_id)
+    first = path_or_hub_id if isinstance(path_or_hub_id, str) else path_or_hub_id[0]
+    spec = BenchmarkSpec(
+        name=name or (Path(first).name.split(".")[0] if local else first),
+        hub_id=None if local else path_or_hub_id,
+        config=config,
+        split=split,
+        question_column=question_column,
+        answer_column=answer_column,
+        answer_format=answer_format,
+        id_column=id_column,
+    )
+    return load_benchmark(
+        spec,
+        data_files=path_or_hub_id if local else None,
+        streaming=streaming,
+        limit=limit,
+        **load_kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MATH 11k / 1k split
+
+
+def normalize_problem_text(text: str) -> str:
+    """
+    Key used to match problems across datasets: whitespace runs collapsed to one space, ends stripped.
+
+    Args:
+        text (`str`):
+            A problem statement.
+
+    Returns:
+        `str`: The normalised text.
+    """
+    return " ".join(text.split())
+
+
+def _split_key(seed: int, text: str) -> str:
+    return hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()
+
+
+def make_math_split(
+    pool: Dataset,
+    exclude_problems: Iterable[str] | Dataset,
+    *,
+    seed: int = 42,
+    validation_size: int = 1000,
+) -> DatasetDict:
+    """
+    Build the paper's MATH training/validation split: the 12,500 MATH problems minus MATH-500, shuffled, then
+    `validation_size` problems for validation and the rest (11,000 with the defaults) for training.
+
+    Problems are matched by [`normalize_problem_text`]. Duplicates in the pool are kept once (first occurrence), so
+    the same problem can never sit in both splits. The shuffle orders problems by SHA-256 of the seed and the
+    normalised text: it depends neither on the pool's row order nor on library versions, so it is the same on every
+    run and machine, and a different seed gives a different split.
+
+    Args:
+        pool (`datasets.Dataset`):
+            The MATH pool with a `problem` column, e.g. `load_benchmark("math_train")`.
+        exclude_problems (`Iterable[str]` or `datasets.Dataset`):
+            Problems to hold out (MATH-500); a dataset's `problem` column is used.
+        seed (`int`, *optional*, defaults to `42`):
+            Shuffle seed.
+        validation_size (`int`, *optional*, defaults to `1000`):
+            Number of validation problems.
+
+    Returns:
+        `datasets.DatasetDict`: With `train` and `validation` splits, in shuffled order.
+    """
+    if isinstance(exclude_problems, Dataset):
+        exclude_problems = exclude_problems["problem"]
+    excluded = {normalize_problem_text(p) for p in exclude_problems}
+    keyed: dict[str, int] = {}
+    duplicates = n_removed = 0
+    matched: set[str] = set()
+    for index, problem in enumerate(pool["problem"]):
+        text = normalize_problem_text(problem)
+        if text in excluded:
+            matched.add(text)
+            n_removed += 1
+        elif text in keyed:
+            duplicates += 1
+        else:
+            keyed[text] = index
+    logger.info(
+        "MATH split: %d pool rows, %d removed as held out (%d of %d held-out problems found), %d duplicates dropped.",
+        len(pool),
+        n_removed,
+        len(matched),
+        len(excluded),
+        duplicates,
+    )
+    if len(matched) < len(excluded):
+        logger.warning("MATH split: %d held-out problems were not found in the pool.", len(excluded) - len(matched))
+    if validation_size < 0 or validation_size > len(keyed):
+        raise ValueError(f"validation_size={validation_size} but only {len(keyed)} problems remain after exclusion.")
+    order = sorted(keyed, key=lambda text: (_split_key(seed, text), text))
+    indices = [keyed[text] for text in order]
+    return DatasetDict(
+        train=pool.select(indices[validation_size:]),
+        validation=pool.select(indices[:validation_size]),
+    )
+
+
+def load_math_split(
+    *,
+    pool_files: str | list[str] | None = None,
+    exclude_files: str | list[str] | None = None,
+    seed: int = 42,
+    validation_size: int = 1000,
+    **load_kwargs: Any,
+) -> DatasetDict:
+    """
+    Load the MATH pool and MATH-500 (Hub or local files) and build the 11k/1k split with [`make_math_split`].
+
+    Every MATH-500 problem is held out, whether or not its gold could be extracted.
+
+    Args:
+        pool_files (`str` or `list[str]`, *optional*, defaults to `None`):
+            Local files of the full MATH pool in `math_train`'s raw schema (both original splits); Hub if `None`.
+        exclude_files (`str` or `list[str]`, *optional*, defaults to `None`):
+            Local MATH-500 files in `math500`'s raw schema; Hub if `None`.
+        seed (`int`, *optional*, defaults to `42`):
+            Shuffle seed.
+        validation_size (`int`, *optional*, defaults to `1000`):
+            Number of validation problems.
+        **load_kwargs:
+            Passed to `datasets.load_dataset`.
+
+    Returns:
+        `datasets.DatasetDict`: `train` and `validation` in the canonical schema.
+    """
+    pool = load_benchmark("math_train", data_files=pool_files, **load_kwargs)
+    spec = BENCHMARKS["math500"]
+    held_out = _load_raw(spec, exclude_files, None, False, load_kwargs)[spec.question_column]
+    return make_math_split(pool, held_out, seed=seed, validation_size=validation_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def build_prompt(
+    example: dict[str, Any], *, system_prompt: str | None = None, template: str | None = None
+) -> list[dict[str, str]]:
+    """
+    Chat messages for the plain single-agent prompt, used at evaluation and as the Idea3 "share" prompt.
+
+    Args:
+        example (`dict`):
+            A canonical row; its string fields except `answer` fill the template's placeholders (`$problem`,
+            `$entry_point`, ...).
+        system_prompt (`str`, *optional*, defaults to `None`):
+            Put first as a system message when given.
+        template (`str`, *optional*, defaults to `None`):
+            Template name in `ilr/prompts`; defaults to `math_single` or `code_single` after the row's `task`.
+
+    Returns:
+        `list[dict[str, str]]`: `[{"role": "system", ...}, {"role": "user", "content": ...}]`, system optional.
+    """
+    if template is None:
+        task = example.get("task", "math")
+        if task not in _TEMPLATES:
+            raise ValueError(f"Unknown task {task!r}; expected one of {sorted(_TEMPLATES)}.")
+        template = _TEMPLATES[task]
+    # The gold answer is never offered to a template, so no prompt can leak it.
+    fields = {k: v for k, v in example.items() if isinstance(v, str) and k != "answer"}
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": render(template, **fields)})
+    return messages
+
+
+def add_prompt_column(
+    dataset: Dataset | IterableDataset, *, system_prompt: str | None = None, template: str | None = None
+) -> Dataset | IterableDataset:
+    """
+    Add a conversational `prompt` column, so the dataset plugs into TRL's `GRPOTrainer` directly (the other columns
+    reach the reward functions as keyword arguments).
+
+    Args:
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`):
+            Canonical rows, e.g. from [`load_benchmark`].
+        system_prompt (`str`, *optional*, defaults to `None`):
+            System message prepended to every prompt.
+        template (`str`, *optional*, defaults to `None`):
+            Template name; defaults after each row's `task`, see [`build_prompt`].
+
+    Returns:
+        `datasets.Dataset` or `datasets.IterableDataset`: The dataset with a `prompt` column of chat messages.
+    """
+    return dataset.map(lambda row: {"prompt": build_prompt(row, system_prompt=system_prompt, template=template)})
