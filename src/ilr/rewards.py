@@ -1,0 +1,741 @@
+"""Reward functions for ILR, in the TRL convention.
+
+A reward function is a plain function `(completions, <dataset columns as keyword lists>, **kwargs) -> list[float |
+None]`. `completions` is either `list[str]` or TRL's conversational form `list[list[dict]]`, of which the content of
+the last assistant message is scored. `None` means "cannot score" (TRL turns it into NaN and skips it); it is never
+replaced by a silent 0 or 1.
+
+Maths answers are checked with math-verify, which is slow in the worst case (sympy) and times out through
+`signal.alarm`, so only on a main thread. Every math-verify call therefore runs in a persistent process pool
+(`ProcessPoolExecutor` on a `forkserver` context, `spawn` where forkserver is missing), whatever thread the reward is
+called from:
+
+- work is deduplicated (GRPO scores the same boxed answer against the same gold many times) and sent in chunks;
+- each item is bounded by `timeout_s` with a `SIGALRM` timer in the worker's main thread;
+- a worker stuck in C code, where signals are not delivered, is killed by the parent once `_kill_after(timeout_s)` has
+  passed; a worker that dies is replaced. The item it was scoring gets `None`; a crash also gives `None` to the items
+  the pool's other workers had in hand (at most `max_workers - 1`) since `ProcessPoolExecutor` terminates them too.
+  Every such `None` is counted in a warning.
+
+As with any `spawn`/`forkserver` pool, a training script must keep its entry point under
+`if __name__ == "__main__":`, since the pool's server process imports the main module.
+
+The code reward (which runs programs through `ilr.sandbox`) is not defined here; `REWARD_FUNCS` has a marked slot for
+it.
+"""
+
+import atexit
+import contextlib
+import logging
+import math
+import multiprocessing
+import os
+import re
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from functools import cache, lru_cache
+from typing import Any
+
+
+__all__ = [
+    "REWARD_FUNCS",
+    "accuracy_reward",
+    "extract_boxed",
+    "format_reward",
+    "get_reward_funcs",
+    "score_math",
+    "shutdown_reward_pool",
+]
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Answer extraction and the numeric-literal rule (pure Python, cheap: run in the calling process)
+# ---------------------------------------------------------------------------------------------------------------------
+
+_BOX_OPEN_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# Any box command, with or without its brace: `\boxed{5}`, `\boxed {5}`, `\boxed 5` (but not `\boxedx`).
+_BOX_COMMAND_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])(?:\s*(?P<brace>\{))?")
+# A backslash escapes the next character (`\{`, `\}`, and `\\` before a real brace), so only bare braces count.
+_BRACE_TOKEN_RE = re.compile(r"\\.|[{}]", re.DOTALL)
+
+
+def extract_boxed(text: str | None) -> str | None:
+    """
+    Content of the last `\\boxed{...}` (or `\\fbox{...}`) in a text, read with balanced braces.
+
+    Only the last box command is read: if it is never closed (a truncated completion) the result is `None`, not an
+    earlier box, which may hold an intermediate result. In a nested `\\boxed{\\boxed{5}}` the last opening is the inner
+    one. `\\boxed 5` (no braces, seen in MATH solutions) yields the next token. Used for model answers and for gold
+    solutions alike (`ilr.data`), so both sides agree on what the boxed answer is.
+
+    Args:
+        text (`str` or `None`):
+            A model completion or a solution.
+
+    Returns:
+        `str | None`: The stripped content (`""` for an empty box), or `None` when there is no complete box.
+    """
+    if not isinstance(text, str):
+        return None
+    last = None
+    for last in _BOX_COMMAND_RE.finditer(text):  # noqa: B007 - we want the last match
+        pass
+    if last is None:
+        return None
+    if last.group("brace") is None:
+        token = re.match(r"\s+([^\s$]+)", text[last.end() :])
+        return token.group(1) if token else None
+    depth = 1
+    for token in _BRACE_TOKEN_RE.finditer(text, last.end()):
+        brace = token.group()
+        if brace == "{":
+            depth += 1
+        elif brace == "}":
+            depth -= 1
+            if depth == 0:
+                return text[last.end() : token.start()].strip()
+    return None
+
+
+_INT = r"(?:\d{1,3}(?:,\d{3})+|\d+)"  # thousands separators only in groups of three: `1,2` is a pair, not 12
+_SIGNED_INT = rf"[+-]?{_INT}"
+_NUMERIC_LITERAL_RE = re.compile(
+    rf"[+-]?(?:{_INT}(?:\.\d+)?|\.\d+"  # 18, 1,000, 0.5, .5
+    rf"|\\[dt]?frac(?:\{{{_SIGNED_INT}\}}\{{{_SIGNED_INT}\}}|\d\d)"  # \frac{3}{4}, \dfrac{-1}{2}, \frac12
+    rf"|{_INT}/{_INT})"  # 3/4
+)
+_SPACING_RE = re.compile(r"\\[,;:! ]|~|\s+")
+_WRAPPER_RE = re.compile(r"\\(?:text|textbf|textrm|mathbf|mathrm|boxed)\{(.*)\}")
+_UNIT_SUFFIX_RE = re.compile(
+    r"(?:\\(?:text|textrm|textbf|mathrm|mbox|operatorname)\{[^{}]*\}(?:\^\{?\d\}?)?"  # \text{ cm}, \text{cm}^2
+    r"|\\%|%|\^\{?\\circ\}?|°|\\degree)$"
+)
+_CURRENCY_PREFIX_RE = re.compile(r"^([+-]?)\\?\$")
+_UNESCAPED_DOLLAR_RE = re.compile(r"(?<!\\)\$")
+# `1\,000`: a thin space between digits groups thousands; math-verify would read a product.
+_DIGIT_SPACING_RE = re.compile(r"(?<=\d)(?:\\[,;:! ]|~)(?=\d)")
+
+
+def _numeric_core(text: str) -> str | None:
+    """
+    The plain number a gold or a boxed answer states, in a canonical form for math-verify; `None` if it is not one.
+
+    A plain number states a value rather than an expression for it. Accepted, after spacing (`\\,`, `~`, blanks) and
+    `{,}` are dropped and a whole-content `\\text{}`/`\\mathbf{}`/`\\boxed{}` wrapper is unwrapped: an optional sign,
+    then an integer (thousands separators only in groups of three), a decimal, or an integer fraction
+    (`\\frac{a}{b}`, `\\dfrac`, `\\tfrac`, `\\frac12`, `a/b`); with an optional leading `\\$` and trailing units
+    (`\\%`, `^\\circ`, `°`, `\\text{...}`, `\\mathrm{...}`), which are dropped, except that a percent sign is kept.
+    Not accepted: arithmetic (`17+21`), powers, roots, constants, scientific notation, mixed numbers.
+    """
+    text = _SPACING_RE.sub("", text).replace("{,}", ",")
+    while match := _WRAPPER_RE.fullmatch(text):
+        text = match.group(1)
+    percent = False
+    while match := _UNIT_SUFFIX_RE.search(text):
+        percent = percent or "%" in match.group()
+        text = text[: match.start()]
+    text = _CURRENCY_PREFIX_RE.sub(r"\1", text)
+    if _NUMERIC_LITERAL_RE.fullmatch(text) is None:
+        return None
+    return text + "\\%" if percent else text
+
+
+def _is_numeric_literal(text: str) -> bool:
+    return _numeric_core(text) is not None
+
+
+def _completion_text(completion: Any) -> str | None:
+    """The text to score: a plain string, or the content of the last assistant message of a conversation."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        completion = [completion]
+    if not isinstance(completion, Sequence) or not completion:
+        return None
+    messages = [m for m in completion if isinstance(m, dict)]
+    assistant = [m for m in messages if m.get("role", "assistant") == "assistant"]
+    if not assistant:
+        return None
+    content = assistant[-1].get("content")
+    if isinstance(content, list):  # multimodal parts: [{"type": "text", "text": ...}, ...]
+        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content if isinstance(content, str) else None
+
+
+def _as_gold(gold: Any) -> str | None:
+    if isinstance(gold, bool) or gold is None:
+        return None
+    if isinstance(gold, int | float):  # a numeric dataset column
+        return str(gold) if math.isfinite(gold) else None
+    return gold if isinstance(gold, str) else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Work done inside the pool's workers (math-verify is imported there, never needed by the trainer process)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@cache
+def _pred_config() -> list:
+    from math_verify import LatexExtractionConfig
+
+    # Boxed only: the default configs would also read unanchored text, so `17 + 21 = \boxed{}` parses as `17 + 21`.
+    return [LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False)]
+
+
+def _has_math(parsed: list) -> bool:
+    from sympy import Basic, MatrixBase
+
+    # math-verify falls back to the raw string when sympy parsing fails; a string alone is not a parsed answer.
+    return any(isinstance(x, Basic | MatrixBase) for x in parsed)
+
+
+@lru_cache(maxsize=4096)
+def _parse_gold(gold: str) -> list:
+    from math_verify import parse
+
+    # Default configs (LaTeX + plain expression), on the gold wrapped in `$...$`: bare, `(-\infty, 2]` parses as `2`
+    # and `1,2` as `1.2`. Timeouts are ours (`_run_chunk`), math-verify's signal-based ones are off.
+    gold = _DIGIT_SPACING_RE.sub("", gold)
+    source = gold if "\\boxed" in gold or _UNESCAPED_DOLLAR_RE.search(gold) else f"${gold}$"
+    return parse(source, parsing_timeout=None)
+
+
+def _parse_pred(content: str) -> list:
+    from math_verify import parse
+
+    content = _DIGIT_SPACING_RE.sub("", content)
+    return parse(f"\\boxed{{{content}}}", extraction_config=_pred_config(), parsing_timeout=None)
+
+
+def _score_pair(pair: tuple[str, str | None]) -> float | None:
+    """Score one `(gold, boxed content)` pair; see `score_math` for the rules."""
+    from math_verify import verify
+
+    gold, content = pair
+    gold_number = _numeric_core(gold)
+    gold_parsed = _parse_gold(gold if gold_number is None else gold_number)
+    if not _has_math(gold_parsed):
+        return None  # unparsable gold: cannot score, never 1.0
+    if not content:
+        return 0.0  # no box, or an empty one
+    if gold_number is not None:
+        # `x = 5` and `17+21=38` state their value after the last `=`.
+        content = _numeric_core(content.rsplit("=", 1)[-1])
+        if content is None:
+            return 0.0  # e.g. `\boxed{17+21}`: the question's own arithmetic, not an answer
+    pred = _parse_pred(content)
+    # The gold goes first: verify() is asymmetric (relations vs intervals, assignments).
+    return 1.0 if pred and verify(gold_parsed, pred, timeout_seconds=None) else 0.0
+
+
+def _check_parsable(content: str) -> float:
+    return 1.0 if _has_math(_parse_pred(content)) else 0.0
+
+
+class _ItemTimeout(BaseException):
+    """Raised by the SIGALRM handler. A BaseException, so math-verify's and sympy's `except Exception` let it through."""
+
+
+def _on_alarm(signum, frame):
+    raise _ItemTimeout
+
+
+_SLOT_FIELDS = 3  # per worker, in shared memory: pid, id of the item being scored (-1: idle), its start time
+_worker_slots = None
+_worker_slot: int | None = None
+
+
+def _init_worker(slots, counter) -> None:
+    global _worker_slots, _worker_slot
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    # The parent owns shutdown; a Ctrl-C in the terminal should not print a traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # We disable math-verify's own timeouts on purpose; its warning about that would be repeated by every worker.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    _parse_gold("1")  # load the LaTeX parser before the first timed item
+    if _SLOT_FIELDS * (index + 1) <= len(slots):
+        _worker_slots, _worker_slot = slots, index
+        slots[_SLOT_FIELDS * index] = os.getpid()  # last: a pid in the slot means "ready"
+
+
+def _run_one(fn: Callable, payload: Any, timeout_s: float, use_timer: bool) -> tuple[str, Any]:
+    try:
+        if use_timer:
+            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        try:
+            value = fn(payload)
+        finally:
+            if use_timer:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        return "ok", value
+    except _ItemTimeout:
+        return "timeout", None
+    except Exception as error:
+        logger.debug("Scoring failed for %.200r", payload, exc_info=True)
+        return "error", f"{type(error).__name__}: {error}"[:300]
+
+
+def _run_chunk(fn: Callable, chunk: list[tuple[int, Any]], timeout_s: float) -> tuple[int, list[tuple[int, str, Any]]]:
+    """Apply `fn` to each `(item id, payload)` with a per-item time bound; returns `(pid, [(id, status, value)])`."""
+    use_timer = threading.current_thread() is threading.main_thread()
+    if use_timer:
+        # Keep whatever timer the host had armed (e.g. pytest-timeout in inline mode) and re-arm it afterwards.
+        old_handler = signal.signal(signal.SIGALRM, _on_alarm)
+        old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, 0)
+        started = time.monotonic()
+    else:
+        logger.debug("Scoring off the main thread without a pool: items are not time-bounded.")
+    slots, base = _worker_slots, _SLOT_FIELDS * (_worker_slot or 0)
+    out = []
+    try:
+        for item_id, payload in chunk:
+            if slots is not None:
+                slots[base + 2] = time.monotonic()  # the start before the id: the parent reads them the other way
+                slots[base + 1] = item_id
+            out.append((item_id, *_run_one(fn, payload, timeout_s, use_timer)))
+            if slots is not None:
+                slots[base + 1] = -1
+    finally:
+        if use_timer:
+            signal.signal(signal.SIGALRM, old_handler)
+            if old_delay > 0:
+                signal.setitimer(signal.ITIMER_REAL, max(old_delay - (time.monotonic() - started), 1e-3), old_interval)
+    return os.getpid(), out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pool (parent side)
+# ---------------------------------------------------------------------------------------------------------------------
+
+_POLL_S = 0.05
+_CHUNKS_PER_WORKER = 8
+_MAX_CHUNK = 64
+
+# One batch at a time: it also makes item ids in the shared slots unambiguous, and the pool is CPU-bound anyway.
+_POOL_LOCK = threading.Lock()
+_pool: ProcessPoolExecutor | None = None
+_pool_slots = None
+_pool_workers = 0
+_pool_owner = 0  # pid that created the pool: a forked child must not use its parent's pool
+_warned_inline = False
+_pool_unavailable = False  # set when workers cannot start at all; then everything is scored inline
+
+
+def _reset_after_fork() -> None:
+    global _POOL_LOCK, _pool, _pool_slots, _pool_workers, _pool_owner
+    _POOL_LOCK = threading.Lock()
+    _pool, _pool_slots, _pool_workers, _pool_owner = None, None, 0, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _default_workers() -> int:
+    """Cores this process may run on (the affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _kill_after(timeout_s: float) -> float:
+    """When the parent kills a worker whose item ignored its SIGALRM (stuck in C code)."""
+    return timeout_s * 1.5 + 1.0
+
+
+def _mp_context():
+    # Never plain fork: the trainer process holds torch and CUDA threads.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
+
+
+def _get_pool(workers: int) -> tuple[ProcessPoolExecutor, Any]:
+    global _pool, _pool_slots, _pool_workers, _pool_owner
+    if _pool is not None and (_pool_owner != os.getpid() or _pool_workers != workers):
+        if _pool_owner == os.getpid():
+            _pool.shutdown(wait=True, cancel_futures=True)
+        _pool = None
+    if _pool is None:
+        ctx = _mp_context()
+        slots = ctx.Array("d", _SLOT_FIELDS * workers, lock=False)
+        for k in range(workers):
+            slots[_SLOT_FIELDS * k + 1] = -1
+        counter = ctx.Value("i", 0)
+        _pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(slots, counter))
+        _pool_slots, _pool_workers, _pool_owner = slots, workers, os.getpid()
+        _wait_until_ready(_pool, slots, workers)
+    return _pool, _pool_slots
+
+
+def _wait_until_ready(pool: ProcessPoolExecutor, slots, workers: int, limit_s: float = 120.0) -> None:
+    """Start every worker and wait for them: otherwise the first one up would take a whole small batch alone."""
+    probes = [pool.submit(os.getpid) for _ in range(workers)]  # the executor spawns one process per waiting task
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if all(slots[_SLOT_FIELDS * k] > 0 for k in range(workers)):
+            return
+        if any(p.done() and p.exception() is not None for p in probes):
+            return  # broken: the caller finds out when it submits
+        time.sleep(0.01)
+
+
+def _discard_pool() -> None:
+    global _pool
+    if _pool is not None:
+        _pool.shutdown(wait=False, cancel_futures=True)
+    _pool = None
+
+
+def shutdown_reward_pool() -> None:
+    """
+    Stop the reward worker processes. The next scoring call starts a new pool; also run at interpreter exit.
+    """
+    global _pool, _pool_unavailable
+    with _POOL_LOCK:
+        if _pool is not None and _pool_owner == os.getpid():
+            _pool.shutdown(wait=True, cancel_futures=True)
+        _pool, _pool_unavailable = None, False
+
+
+atexit.register(shutdown_reward_pool)
+
+
+def _in_flight(slots) -> dict[int, int]:
+    """`{item id: worker pid}` for the items the workers are scoring right now."""
+    busy = {}
+    for k in range(len(slots) // _SLOT_FIELDS):
+        item = int(slots[_SLOT_FIELDS * k + 1])
+        if item >= 0:
+            busy[item] = int(slots[_SLOT_FIELDS * k])
+    return busy
+
+
+def _kill_overdue(slots, limit_s: float) -> set[int]:
+    killed = set()
+    now = time.monotonic()
+    for k in range(len(slots) // _SLOT_FIELDS):
+        base = _SLOT_FIELDS * k
+        item = int(slots[base + 1])  # the id before the start time: see `_run_chunk`
+        if item < 0 or now - slots[base + 2] <= limit_s:
+            continue
+        pid = int(slots[base])
+        if pid > 0 and pid != os.getpid():  # pid 0 would signal our whole process group
+            with contextlib.suppress(ProcessLookupError):  # it finished and exited meanwhile
+                os.kill(pid, signal.SIGKILL)
+        slots[base + 1] = -1
+        killed.add(item)
+    return killed
+
+
+class _DropTimeoutDisabledWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Timeout is disabled" not in record.getMessage()
+
+
+@cache
+def _quiet_math_verify() -> None:
+    # Inline scoring disables math-verify's timeouts on purpose (`_run_chunk` bounds time); drop its one warning.
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).addFilter(_DropTimeoutDisabledWarning())
+
+
+def _run_inline(fn: Callable, chunk: list[tuple[int, Any]], timeout_s: float) -> list[tuple[str, Any, int]]:
+    _quiet_math_verify()
+    pid, out = _run_chunk(fn, chunk, timeout_s)
+    return [(status, value, pid) for _, status, value in out]
+
+
+class _WorkersDoNotStart(Exception):
+    pass
+
+
+def _run_round(fn: Callable, payloads: list, ids: list[int], timeout_s: float, outcomes: list, workers: int) -> bool:
+    """Score the items `ids` in the pool, filling `outcomes`; returns whether the pool broke (a worker died)."""
+    pool, slots = _get_pool(workers)
+    size = min(_MAX_CHUNK, max(1, math.ceil(len(ids) / (workers * _CHUNKS_PER_WORKER))))
+    futures, broken, killed, crashed = [], False, set(), {}
+    try:
+        for start in range(0, len(ids), size):
+            chunk = [(i, payloads[i]) for i in ids[start : start + size]]
+            futures.append(pool.submit(_run_chunk, fn, chunk, timeout_s))
+    except BrokenProcessPool:
+        broken = True
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_COMPLETED)
+        for future in done:
+            try:
+                pid, out = future.result()
+            except BrokenProcessPool:
+                if not broken and not killed:
+                    crashed = _in_flight(slots)  # whoever was scoring something when a worker died
+                broken = True
+                continue
+            for item_id, status, value in out:
+                outcomes[item_id] = (status, value, pid)
+        if not broken:
+            killed |= _kill_overdue(slots, _kill_after(timeout_s))
+    for item_id in killed:
+        if outcomes[item_id] is None:
+            outcomes[item_id] = ("timeout", None, None)
+    for item_id, pid in crashed.items():
+        if outcomes[item_id] is None:
+            outcomes[item_id] = ("crash", None, pid)
+    if broken and not any(slots[_SLOT_FIELDS * k] > 0 for k in range(workers)):
+        raise _WorkersDoNotStart
+    return broken
+
+
+def _run_pool(
+    fn: Callable, payloads: list, *, max_workers: int | None = None, timeout_s: float = 5.0
+) -> list[tuple[str, Any, int | None]]:
+    """
+    Apply a module-level `fn` to every payload in the worker pool, each bounded in time.
+
+    Items whose worker died are retried in a fresh pool, except the one it was scoring (see the module docstring).
+
+    Returns one `(status, value, worker pid)` per payload, in order; status is `"ok"`, `"timeout"`, `"crash"` or
+    `"error"` (value `None`, or the error text for `"error"`). `max_workers=0` runs in the calling thread instead
+    (time-bounded only on the main thread); so do a daemonic process, which may not have children, and a process
+    whose workers cannot start (logged as an error).
+    """
+    global _warned_inline, _pool_unavailable
+    if timeout_s <= 0:
+        raise ValueError(f"`timeout_s` must be positive, got {timeout_s}.")
+    workers = _default_workers() if max_workers is None else max_workers
+    if workers < 0:
+        raise ValueError(f"`max_workers` must be >= 0 (0: no pool), got {max_workers}.")
+    if not payloads:
+        return []
+    if workers == 0 or _pool_unavailable or multiprocessing.current_process().daemon:
+        if workers and not _warned_inline:
+            logger.warning("No worker pool in this process: rewards are scored inline, in the calling thread.")
+            _warned_inline = True
+        return _run_inline(fn, list(enumerate(payloads)), timeout_s)
+
+    outcomes: list = [None] * len(payloads)
+    remaining = list(range(len(payloads)))
+    fruitless_rounds = 0
+    with _POOL_LOCK:
+        try:
+            while remaining:
+                if _run_round(fn, payloads, remaining, timeout_s, outcomes, workers):
+                    _discard_pool()
+                still = [i for i in remaining if outcomes[i] is None]
+                fruitless_rounds = fruitless_rounds + 1 if len(still) == len(remaining) else 0
+                if still and fruitless_rounds >= 3:
+                    logger.error("The reward worker pool keeps failing; %d items left unscored.", len(still))
+                    for i in still:
+                        outcomes[i] = ("crash", None, None)
+                    still = []
+                remaining = still
+        except _WorkersDoNotStart:
+            # E.g. a script read from stdin, which the workers cannot re-import as `__main__`.
+            logger.error(
+                "The reward worker processes fail to start (see their traceback above); scoring inline, in the "
+                "calling thread, from now on. `shutdown_reward_pool()` lets the next call try again."
+            )
+            _discard_pool()
+            _pool_unavailable = True
+            remaining = [i for i in remaining if outcomes[i] is None]
+            for item_id, outcome in zip(remaining, _run_inline(fn, [(i, payloads[i]) for i in remaining], timeout_s)):
+                outcomes[item_id] = outcome
+        except BaseException:
+            # E.g. Ctrl-C while waiting: tasks left running would keep the workers busy, and their item ids would clash
+            # with the next batch's in the shared slots.
+            _discard_pool()
+            raise
+    return outcomes
+
+
+def _warn_unscored(name: str, outcomes: list[tuple[str, Any, int | None]]) -> None:
+    counts = Counter(status for status, _, _ in outcomes if status != "ok")
+    if counts:
+        detail = ", ".join(f"{status}: {n}" for status, n in sorted(counts.items()))
+        logger.warning(
+            "%s: %d of %d distinct items could not be scored (%s).", name, counts.total(), len(outcomes), detail
+        )
+        errors = [value for status, value, _ in outcomes if status == "error"]
+        if errors:
+            logger.warning("%s: first error: %s", name, errors[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public scorers and reward functions
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _score_math_detailed(
+    completions: Sequence[str | None], golds: Sequence[Any], *, max_workers: int | None, timeout_s: float
+) -> list[tuple[str, float | None, int | None]]:
+    """`score_math` with each result's status and worker pid (tests check that the work is spread)."""
+    if len(completions) != len(golds):
+        raise ValueError(f"Got {len(completions)} completions but {len(golds)} golds; they must pair up one to one.")
+    pairs: dict[tuple[str, str | None], int] = {}
+    slot_of: list[int | None] = []
+    for text, raw_gold in zip(completions, golds):
+        gold = _as_gold(raw_gold)
+        if gold is None or not isinstance(text, str):
+            slot_of.append(None)
+        else:
+            slot_of.append(pairs.setdefault((gold, extract_boxed(text)), len(pairs)))
+    outcomes = _run_pool(_score_pair, list(pairs), max_workers=max_workers, timeout_s=timeout_s)
+    _warn_unscored("score_math", outcomes)
+    bad_golds = [gold for (gold, _), (status, value, _) in zip(pairs, outcomes) if status == "ok" and value is None]
+    if bad_golds:
+        logger.warning(
+            "score_math: %d golds math-verify cannot parse, e.g. %.100r; scored None.", len(bad_golds), bad_golds[0]
+        )
+    return [("no gold", None, None) if k is None else outcomes[k] for k in slot_of]
+
+
+def score_math(
+    completions: list[str], golds: list[str], *, max_workers: int | None = None, timeout_s: float = 5.0
+) -> list[float | None]:
+    """
+    Score final answers against gold answers with math-verify, in the worker pool.
+
+    The answer is the content of the last `\\boxed{}` (see `extract_boxed`); a completion without one, or with an empty
+    one, scores 0.0. The gold is parsed with math-verify's default configs (inside `$...$`) and goes first in
+    `verify(gold, pred)`, which is asymmetric.
+    When the gold is a plain number (see `_numeric_core`: an integer, decimal or integer fraction, with `\\$`, `\\%`,
+    `^\\circ` or `\\text{}` units), the boxed answer must be one too, read after its last `=`, and both are compared
+    as those bare numbers: boxing the question's own arithmetic (`\\boxed{17+21}` for 38) scores 0.0, while
+    `\\boxed{x = 38}`, `\\boxed{38 \\text{ apples}}` and `\\boxed{1,000}` are read as numbers. Other golds (expressions,
+    intervals, sets, matrices) use plain math-verify equivalence. Percentages follow math-verify: `50\\%` matches a
+    gold of `50` and one of `0.5`.
+
+    Args:
+        completions (`list[str]`):
+            Completion texts; an entry that is not a string scores `None`.
+        golds (`list[str]`):
+            Gold final answers, already extracted (`"18"`, `"\\frac{1}{2}"`, `"(-\\infty, 2]"`), one per completion.
+        max_workers (`int` or `None`, *optional*):
+            Pool size; `None` uses every core this process may run on, `0` scores in the calling thread (time-bounded
+            only on the main thread). A different size from the running pool's restarts it.
+        timeout_s (`float`, *optional*, defaults to `5.0`):
+            Time bound per distinct (gold, answer) pair. A worker that ignores it (stuck in C code) is killed after
+            `1.5 * timeout_s + 1` seconds.
+
+    Returns:
+        `list[float | None]`: 1.0 (correct), 0.0 (wrong or no answer), or `None` when it cannot be scored: no or
+        unparsable gold, timeout, or a worker crash. `None`s are counted in a logged warning.
+    """
+    details = _score_math_detailed(completions, golds, max_workers=max_workers, timeout_s=timeout_s)
+    return [value for _, value, _ in details]
+
+
+def accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float | None]:
+    """
+    Reward 1.0 for a correct final maths answer in `\\boxed{}`, 0.0 for a wrong or missing one (see `score_math`).
+
+    Args:
+        completions (`list[str]` or `list[list[dict]]`):
+            Completions, plain or conversational (the content of the last assistant message is scored).
+        answer (`list[str]`):
+            The gold final answer of each completion's problem (the dataset's `answer` column).
+        **kwargs:
+            Other dataset columns and TRL extras. With a `task` column, rows whose task is not `"math"` score `None`
+            (left to the code reward). With TRL's `log_metric`, the fraction of `None`s is logged as
+            `accuracy_reward/unscored`.
+
+    Returns:
+        `list[float | None]`: One reward per completion; `None` when it cannot be scored (TRL skips it).
+    """
+    texts = [_completion_text(c) for c in completions]
+    golds = list(answer)
+    tasks = kwargs.get("task")
+    if tasks is not None:
+        golds = [gold if task == "math" else None for gold, task in zip(golds, tasks)]
+    rewards = score_math(texts, golds)
+    log_metric = kwargs.get("log_metric")
+    if callable(log_metric) and rewards:
+        math_rows = [r for r, g in zip(rewards, golds) if g is not None]
+        if math_rows:
+            log_metric("accuracy_reward/unscored", sum(r is None for r in math_rows) / len(math_rows))
+    return rewards
+
+
+def format_reward(completions: list, **kwargs) -> list[float]:
+    """
+    Reward 1.0 for a completion that states exactly one final answer: exactly one `\\boxed{}` (or `\\fbox{}`), closed,
+    non-empty, whose content is a parsable answer.
+
+    Parsable means a plain number (see `score_math`) or anything math-verify turns into a sympy object. The gold is not
+    looked at. Several boxes score 0.0 (hedging). Meant as a small shaping term next to `accuracy_reward` (a weight of
+    about 0.5 helped a tiny model learn to box its answer).
+
+    Args:
+        completions (`list[str]` or `list[list[dict]]`):
+            Completions, plain or conversational (the content of the last assistant message is checked).
+        **kwargs:
+            Dataset columns and TRL extras, unused.
+
+    Returns:
+        `list[float]`: 1.0 or 0.0 per completion. A box whose parsing times out or crashes a worker scores 0.0 (counted
+        in a logged warning).
+    """
+    rewards = [0.0] * len(completions)
+    pending: dict[str, list[int]] = {}
+    for i, completion in enumerate(completions):
+        text = _completion_text(completion)
+        if text is None or len(_BOX_OPEN_RE.findall(text)) != 1:
+            continue
+        content = extract_boxed(text)
+        if not content:
+            continue
+        if _is_numeric_literal(content):
+            rewards[i] = 1.0
+        else:
+            pending.setdefault(content, []).append(i)
+    outcomes = _run_pool(_check_parsable, list(pending))
+    _warn_unscored("format_reward", outcomes)
+    for indices, (status, value, _) in zip(pending.values(), outcomes):
+        for i in indices:
+            rewards[i] = value if status == "ok" else 0.0
+    return rewards
+
+
+# Names accepted in recipes (`reward_funcs: [accuracy, format]`). TRL logs each reward under its function's __name__.
+REWARD_FUNCS: dict[str, Callable[..., list[float | None]]] = {
+    "accuracy": accuracy_reward,
+    "format": format_reward,
+    # "code": code_reward,  # SLOT: the code-execution reward (ilr.sandbox) is registered here, one line.
+}
+
+
+def get_reward_funcs(names: list[str]) -> list[Callable[..., list[float | None]]]:
+    """
+    Look reward functions up by name in `REWARD_FUNCS`.
+
+    Args:
+        names (`list[str]`):
+            Reward names, e.g. `["accuracy", "format"]`; a single string is read as one name.
+
+    Returns:
+        `list[Callable]`: The reward functions, in the order given.
+
+    Raises:
+        `ValueError`: For an unknown name; the message lists the valid ones.
+    """
+    if isinstance(names, str):
+        names = [names]
+    funcs = []
+    for name in names:
+        if name not in REWARD_FUNCS:
+            valid = ", ".join(sorted(REWARD_FUNCS))
+            raise ValueError(
+                f"Unknown reward function {name!r}. Valid names: {valid}. Fix the `reward_funcs` entry of your recipe."
+            )
+        funcs.append(REWARD_FUNCS[name])
+    return funcs
