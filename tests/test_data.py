@@ -17,7 +17,6 @@ from ilr.data import (
     build_prompt,
     extract_gold,
     extract_gsm8k_answer,
-    extract_last_boxed,
     get_spec,
     load_benchmark,
     load_custom_dataset,
@@ -26,6 +25,7 @@ from ilr.data import (
     normalize_example,
     split_humaneval_tests,
 )
+from ilr.rewards import extract_boxed
 
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
@@ -111,7 +111,7 @@ def test_gsm8k_gold(text, expected):
     ],
 )
 def test_last_boxed(text, expected):
-    assert extract_last_boxed(text) == expected
+    assert extract_boxed(text) == expected
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,6 +34,7 @@ import datasets
 from datasets import Dataset, DatasetDict, Features, IterableDataset, List, Value
 
 from ilr.prompts import render
+from ilr.rewards import extract_boxed
 
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
     "build_prompt",
     "extract_gold",
     "extract_gsm8k_answer",
-    "extract_last_boxed",
     "get_spec",
     "load_benchmark",
     "load_custom_dataset",
@@ -342,59 +341,6 @@ def get_spec(name_or_spec: str | BenchmarkSpec) -> BenchmarkSpec:
 # ---------------------------------------------------------------------------------------------------------------------
 # Gold extraction
 
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-
-
-def _read_braced(text: str, start: int) -> str | None:
-    """Content of the `{...}` group opening at `text[start]`, honouring nesting; escaped `\\{ \\}` are literal."""
-    depth = 0
-    i = start
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 2  # `\{`, `\}` and `\\` never open or close a group
-            continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i]
-        i += 1
-    return None
-
-
-def extract_last_boxed(text: str | None) -> str | None:
-    """
-    Content of the last `\\boxed{...}` (or `\\fbox{...}`) in a text, with balanced-brace parsing.
-
-    Only the last occurrence is read: if it is malformed the result is `None` rather than an earlier box, which may
-    be an intermediate result. `\\boxed 5` (no braces) yields the next token.
-
-    Args:
-        text (`str` or `None`):
-            A solution or a model completion.
-
-    Returns:
-        `str` or `None`: The stripped box content, or `None` when there is no complete box.
-    """
-    if not text:
-        return None
-    matches = list(_BOXED_RE.finditer(text))
-    if not matches:
-        return None
-    pos = matches[-1].end()
-    rest = text[pos:]
-    stripped = rest.lstrip()
-    if stripped.startswith("{"):
-        content = _read_braced(text, pos + len(rest) - len(stripped))
-        return content.strip() if content is not None else None
-    if rest[:1].isspace() and stripped:
-        # `\boxed 5$`: the argument is a single token.
-        token = re.match(r"[^\s$]+", stripped)
-        return token.group(0) if token else None
-    return None
-
 
 def extract_gsm8k_answer(text: str | None) -> str | None:
     """
@@ -447,7 +393,7 @@ def extract_gold(value: Any, answer_format: AnswerFormat) -> str | None:
         items = value if isinstance(value, (list, tuple)) else [value]
         gold = ", ".join(t for t in (_strip_dollars(_as_text(v)) for v in items) if t)
     elif answer_format == "boxed":
-        gold = extract_last_boxed(value if isinstance(value, str) else _as_text(value))
+        gold = extract_boxed(value if isinstance(value, str) else _as_text(value))
     elif answer_format == "gsm8k":
         gold = extract_gsm8k_answer(value if isinstance(value, str) else _as_text(value))
     else:
