@@ -369,3 +369,59 @@ def test_registry():
     }
     with pytest.raises(ValueError, match=r"Unknown reward function 'acc'\. Valid names: accuracy, format\. Fix"):
         get_reward_funcs(["accuracy", "acc"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Code reward: real sandbox, real benchmark rows (local fixture in MBPP's own schema)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mbpp_rows():
+    from pathlib import Path
+
+    from ilr.data import load_benchmark
+
+    path = Path(__file__).parent / "fixtures" / "data" / "mbpp.jsonl"
+    return load_benchmark("mbpp", data_files=str(path)).select(range(2)).to_list()
+
+
+def fenced(code: str) -> str:
+    return f"Here is my solution.\n```python\n{code}\n```\n"
+
+
+def test_code_reward_scores_the_fraction_of_tests_passed(mbpp_rows, monkeypatch):
+    monkeypatch.delenv("ILR_ALLOW_CODE_EXECUTION", raising=False)
+    squares, days = mbpp_rows
+    (code_fn,) = get_reward_funcs(["code"], allow_code_execution=True)
+    assert code_fn.__name__ == "code_reward"
+    completions = [
+        fenced("def sum_squares(nums):\n    return sum(x * x for x in nums)"),  # right
+        fenced("def sum_squares(nums):\n    return 0"),  # passes only `sum_squares([]) == 0`
+        "def sum_squares(nums): return 14  # no fenced block",
+        fenced("def days_between(a, b):\n    return abs((b - a).days)"),  # needs its setup (`from datetime ...`)
+    ]
+    rows = [squares, squares, squares, days]
+    rewards = code_fn(
+        completions,
+        tests=[row["tests"] for row in rows],
+        setup=[row["setup"] for row in rows],
+        task=[row["task"] for row in rows],
+    )
+    assert rewards == [1.0, pytest.approx(1 / 3), 0.0, 1.0]
+
+
+def test_code_reward_skips_math_rows_and_problems_without_tests(monkeypatch):
+    monkeypatch.setenv("ILR_ALLOW_CODE_EXECUTION", "1")
+    completions = [fenced("x = 1"), fenced("x = 1")]
+    rewards = REWARD_FUNCS["code"](completions, tests=[["assert x == 1"], []], task=["math", "code"])
+    assert rewards == [None, None]
+
+
+def test_code_reward_refuses_to_run_code_without_the_opt_in(monkeypatch):
+    from ilr.sandbox import CodeExecutionDisabledError
+
+    monkeypatch.delenv("ILR_ALLOW_CODE_EXECUTION", raising=False)
+    (code_fn,) = get_reward_funcs(["code"])
+    with pytest.raises(CodeExecutionDisabledError, match="allow_code_execution"):
+        code_fn([fenced("x = 1")], tests=[["assert x == 1"]])

@@ -20,12 +20,12 @@ called from:
 As with any `spawn`/`forkserver` pool, a training script must keep its entry point under
 `if __name__ == "__main__":`, since the pool's server process imports the main module.
 
-The code reward (which runs programs through `ilr.sandbox`) is not defined here; `REWARD_FUNCS` has a marked slot for
-it.
+The code reward runs model-written programs through `ilr.sandbox`, one sandbox per completion, concurrently.
 """
 
 import atexit
 import contextlib
+import functools
 import logging
 import math
 import multiprocessing
@@ -45,6 +45,7 @@ from typing import Any
 __all__ = [
     "REWARD_FUNCS",
     "accuracy_reward",
+    "code_reward",
     "extract_boxed",
     "format_reward",
     "get_reward_funcs",
@@ -706,21 +707,83 @@ def format_reward(completions: list, **kwargs) -> list[float]:
     return rewards
 
 
+def code_reward(
+    completions: list,
+    tests: list[list[str]],
+    setup: list[str] | None = None,
+    allow_code_execution: bool | None = None,
+    **kwargs,
+) -> list[float | None]:
+    """
+    Reward the fraction of a problem's tests that the completion's code passes, run in `ilr.sandbox`.
+
+    The code is the last fenced python block of the completion (`ilr.sandbox.extract_python_code`); a completion
+    without one scores 0.0. All completions of a batch run concurrently, one sandbox each, on every core.
+
+    Args:
+        completions (`list[str]` or `list[list[dict]]`):
+            Completions, plain or conversational (the content of the last assistant message is run).
+        tests (`list[list[str]]`):
+            The problem's standalone test snippets (the dataset's `tests` column).
+        setup (`list[str]`, *optional*):
+            Code run before each solution (the dataset's `setup` column: imports, MBPP's `test_setup_code`).
+        allow_code_execution (`bool`, *optional*):
+            Opt-in to run model-written code (bound from the recipe by `get_reward_funcs`); without it, or the
+            environment variable `ILR_ALLOW_CODE_EXECUTION=1`, the sandbox refuses with `CodeExecutionDisabledError`.
+        **kwargs:
+            Other dataset columns and TRL extras. With a `task` column, rows whose task is not `"code"` score `None`.
+
+    Returns:
+        `list[float | None]`: The fraction of tests passed (tests reported before a timeout count) per completion;
+        `None` when it cannot be scored: no tests, a non-code row, or a sandbox that failed to start (counted in a
+        logged warning, never a silent 0).
+    """
+    from ilr.sandbox import extract_python_code, run_tests_batch
+
+    setups = setup if setup is not None else [""] * len(completions)
+    tasks = kwargs.get("task") or ["code"] * len(completions)
+    rewards: list[float | None] = [None] * len(completions)
+    jobs, job_rows = [], []
+    for row, (completion, row_tests, row_setup, task) in enumerate(zip(completions, tests, setups, tasks)):
+        if task != "code" or not row_tests:
+            continue
+        program = extract_python_code(_completion_text(completion) or "")
+        if program is None:
+            rewards[row] = 0.0
+            continue
+        jobs.append((program, list(row_tests), row_setup or ""))
+        job_rows.append(row)
+    results = run_tests_batch(jobs, allow=allow_code_execution)
+    failures = Counter()
+    for row, result in zip(job_rows, results):
+        if result.status == "sandbox_error":
+            failures[result.status] += 1
+            continue
+        rewards[row] = result.fraction
+    if failures:
+        logger.warning("code_reward: %d of %d programs could not be run (%s).", failures.total(), len(jobs), failures)
+    return rewards
+
+
 # Names accepted in recipes (`reward_funcs: [accuracy, format]`). TRL logs each reward under its function's __name__.
 REWARD_FUNCS: dict[str, Callable[..., list[float | None]]] = {
     "accuracy": accuracy_reward,
     "format": format_reward,
-    # "code": code_reward,  # SLOT: the code-execution reward (ilr.sandbox) is registered here, one line.
+    "code": code_reward,
 }
 
 
-def get_reward_funcs(names: list[str]) -> list[Callable[..., list[float | None]]]:
+def get_reward_funcs(
+    names: list[str], *, allow_code_execution: bool = False
+) -> list[Callable[..., list[float | None]]]:
     """
     Look reward functions up by name in `REWARD_FUNCS`.
 
     Args:
         names (`list[str]`):
             Reward names, e.g. `["accuracy", "format"]`; a single string is read as one name.
+        allow_code_execution (`bool`, *optional*, defaults to `False`):
+            The recipe's opt-in for running model-written code, bound into the `code` reward.
 
     Returns:
         `list[Callable]`: The reward functions, in the order given.
@@ -737,5 +800,9 @@ def get_reward_funcs(names: list[str]) -> list[Callable[..., list[float | None]]
             raise ValueError(
                 f"Unknown reward function {name!r}. Valid names: {valid}. Fix the `reward_funcs` entry of your recipe."
             )
-        funcs.append(REWARD_FUNCS[name])
+        func = REWARD_FUNCS[name]
+        if func is code_reward and allow_code_execution:
+            # update_wrapper keeps `__name__`, which TRL uses to log the reward.
+            func = functools.update_wrapper(functools.partial(code_reward, allow_code_execution=True), code_reward)
+        funcs.append(func)
     return funcs
