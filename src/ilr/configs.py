@@ -1,0 +1,542 @@
+"""Recipe configuration: one flat YAML parsed by `trl.TrlParser` into three dataclasses.
+
+- [`ILRScriptArguments`]: data, prompts and rewards.
+- [`AgentsArguments`]: the list of agents (models) trained together, one [`AgentConfig`] each.
+- [`ILRConfig`]: TRL's `GRPOConfig` (every GRPO name keeps TRL's meaning) plus the ILR fields.
+
+Every check here runs before any model or dataset is loaded, so a broken recipe fails in well under a second
+with a message naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib.util
+import json
+import re
+import sys
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
+
+
+STAGES = ("share", "analyse", "fuse")
+DIFFICULTY_SOURCES = ("self_rank", "pass_rate")
+CALIBRATION_SCOPES = ("group", "batch")
+SHARE_SELECTIONS = ("random", "first")
+GENERATION_BACKENDS = ("transformers", "vllm", "vllm_server")
+METHODS = ("ilr", "grpo")
+# Loss types the ILR trainer implements with TRL's semantics (the `grpo` baseline accepts all of TRL's).
+ILR_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+class RecipeError(ValueError):
+    """A recipe key or command-line flag is invalid. The message names the key and how to fix it."""
+
+
+def _one_of(key: str, value: Any, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        hint = difflib.get_close_matches(str(value), allowed, n=1)
+        did_you_mean = f" Did you mean `{hint[0]}`?" if hint else ""
+        raise RecipeError(f"`{key}` must be one of {list(allowed)} (got {value!r}).{did_you_mean}")
+
+
+def _positive(key: str, value: int | float | None, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise RecipeError(f"`{key}` must be {bound} (got {value}).")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Script arguments: data and rewards
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ILRScriptArguments(ScriptArguments):
+    """
+    Data and reward arguments. Extends TRL's `ScriptArguments` (`dataset_name`, `dataset_config`,
+    `dataset_train_split`, `dataset_test_split`, `dataset_streaming`).
+
+    Args:
+        dataset_name (`str`, *optional*, defaults to `"math_train"`):
+            A benchmark name from `ilr.data.BENCHMARKS` (e.g. `math_train`, `gsm8k`, `mbpp`), or any Hub dataset id
+            (then set `question_column`, `answer_column` and `answer_format`).
+        data_files (`list[str]`, *optional*):
+            Local jsonl/parquet files in the dataset's own schema. Used instead of the Hub (offline runs, tests).
+        dataset_validation_split (`str`, *optional*, defaults to `"validation"`):
+            Split used to measure each agent's ability (gamma) for Dynamic Interaction.
+        question_column (`str`, *optional*):
+            Question column of a dataset that is not in the registry.
+        answer_column (`str`, *optional*):
+            Gold-answer column of a dataset that is not in the registry.
+        answer_format (`str`, *optional*, defaults to `"plain"`):
+            How the gold answer is written in `answer_column` for an unregistered dataset: `plain`, `boxed` (the last
+            `\\boxed{}` of a solution) or `gsm8k` (after `####`).
+        max_train_samples (`int`, *optional*):
+            Keep only the first N training questions (debugging, demos).
+        reward_funcs (`list[str]`, *optional*, defaults to `["accuracy"]`):
+            Reward names from `ilr.rewards.REWARD_FUNCS`. Weights are `reward_weights` in the training config.
+        allow_code_execution (`bool`, *optional*, defaults to `False`):
+            Allow the `code` reward to run model-written code in the sandbox. Off by default: the code is untrusted.
+    """
+
+    dataset_name: str | None = field(
+        default="math_train",
+        metadata={"help": "Benchmark name from ilr.data.BENCHMARKS, or a Hub dataset id."},
+    )
+    data_files: list[str] | None = field(
+        default=None, metadata={"help": "Local jsonl/parquet files in the dataset's own schema."}
+    )
+    dataset_validation_split: str = field(
+        default="validation", metadata={"help": "Split used to estimate each agent's ability (gamma)."}
+    )
+    question_column: str | None = field(default=None, metadata={"help": "Question column (unregistered datasets)."})
+    answer_column: str | None = field(default=None, metadata={"help": "Gold-answer column (unregistered datasets)."})
+    answer_format: str = field(
+        default="plain", metadata={"help": "Gold format for unregistered datasets: plain, boxed or gsm8k."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N questions."})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy"], metadata={"help": "Reward names from ilr.rewards.REWARD_FUNCS."}
+    )
+    allow_code_execution: bool = field(
+        default=False, metadata={"help": "Allow the code reward to run model-written code in the sandbox."}
+    )
+
+    def __post_init__(self):
+        from ilr.rewards import REWARD_FUNCS  # late import: configs must stay importable on its own
+
+        _one_of("answer_format", self.answer_format, ("plain", "boxed", "gsm8k"))
+        _positive("max_train_samples", self.max_train_samples)
+        if not self.reward_funcs:
+            raise RecipeError("`reward_funcs` is empty: name at least one reward, e.g. `reward_funcs: [accuracy]`.")
+        for name in self.reward_funcs:
+            _one_of("reward_funcs", name, REWARD_FUNCS)
+        if "code" in self.reward_funcs and not self.allow_code_execution:
+            raise RecipeError(
+                "The `code` reward runs model-written code. Set `allow_code_execution: true` in the recipe (or "
+                "`--allow_code_execution`) to accept that; it runs in the sandbox of `ilr.sandbox`."
+            )
+        self._check_dataset()
+
+    def _check_dataset(self) -> None:
+        from ilr.data import BENCHMARKS
+
+        if self.dataset_name is None and not self.data_files:
+            raise RecipeError("Set `dataset_name` (a benchmark name or Hub id) or `data_files` (local files).")
+        if self.dataset_name in BENCHMARKS:
+            return
+        # Not a registered benchmark: we need to know its columns.
+        missing = [key for key in ("question_column", "answer_column") if getattr(self, key) is None]
+        if missing:
+            known = ", ".join(sorted(BENCHMARKS))
+            raise RecipeError(
+                f"`dataset_name: {self.dataset_name}` is not a registered benchmark ({known}). For another dataset "
+                f"set {' and '.join(f'`{key}`' for key in missing)} (and `answer_format`) in the recipe."
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Agents
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class AgentConfig(ModelConfig):
+    """
+    One agent: a model trained by ILR. Extends TRL's `ModelConfig` (`model_name_or_path`, `model_revision`, `dtype`,
+    `attn_implementation`, `use_peft`, `lora_r`, `lora_alpha`, `lora_dropout`, `lora_target_modules`, ...), so LoRA
+    settings are per agent and `trl.get_peft_config(agent)` works unchanged.
+
+    Args:
+        name (`str`, *optional*):
+            Short label used in logs, metrics (`ilr/<name>/...`) and output folders. Defaults to the last part of
+            `model_name_or_path`.
+        gguf_file (`str`, *optional*):
+            Load the weights from this GGUF file inside `model_name_or_path` (transformers' GGUF support).
+        chat_template (`str`, *optional*):
+            A Jinja chat template, or a path to a `.jinja` file, replacing the tokenizer's own.
+        hub_model_id (`str`, *optional*):
+            Hub repository this agent's checkpoints are pushed to. Must differ between agents.
+        learning_rate (`float`, *optional*):
+            Per-agent learning rate; defaults to the training config's `learning_rate`.
+        vllm_server_host (`str`, *optional*, defaults to `"0.0.0.0"`):
+            Host of this agent's `trl vllm-serve` (backend `vllm_server`).
+        vllm_server_port (`int`, *optional*):
+            Port of this agent's `trl vllm-serve`; each agent needs its own.
+        vllm_group_port (`int`, *optional*):
+            Weight-sync group port of this agent's server; each agent needs its own.
+    """
+
+    name: str | None = field(default=None, metadata={"help": "Short label used in logs and output folders."})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path."})
+    chat_template: str | None = field(default=None, metadata={"help": "Jinja chat template or path to one."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo for this agent's checkpoints."})
+    learning_rate: float | None = field(default=None, metadata={"help": "Per-agent learning rate override."})
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Host of this agent's vLLM server."})
+    vllm_server_port: int | None = field(default=None, metadata={"help": "Port of this agent's vLLM server."})
+    vllm_group_port: int | None = field(default=None, metadata={"help": "Weight-sync port of this agent's server."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.model_name_or_path:
+            raise RecipeError("Each agent needs `model_name_or_path` (a Hub id or a local folder).")
+        if self.name is None:
+            self.name = self.model_name_or_path.rstrip("/").split("/")[-1]
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
+            raise RecipeError(
+                f"Agent name {self.name!r} may only use letters, digits, '.', '_' and '-' (it names metrics and "
+                "folders). Set `name:` for this agent."
+            )
+        _positive("learning_rate", self.learning_rate)
+
+
+def _parse_agent(index: int, raw: Any) -> AgentConfig:
+    """Builds one [`AgentConfig`] from its recipe mapping, type-checking every value like a command-line flag."""
+    where = f"agents[{index}]"
+    if isinstance(raw, AgentConfig):
+        return raw
+    if isinstance(raw, str):  # `agents: [org/model, ...]` shorthand
+        raw = {"model_name_or_path": raw}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"`{where}` must be a mapping like `{{model_name_or_path: org/model}}` (got {raw!r}).")
+    known = {f.name for f in dataclasses.fields(AgentConfig)}
+    for key in raw:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            did_you_mean = f" Did you mean `{hint[0]}`?" if hint else ""
+            raise RecipeError(f"Unknown key `{key}` in `{where}`.{did_you_mean} Valid keys: {sorted(known)}.")
+    parser = _RecipeParser((AgentConfig,), context=where)
+    # Values go through argparse as strings so that an agent is type-checked exactly like a CLI flag.
+    argv: list[str] = []
+    for key, value in raw.items():
+        if value is None:
+            continue
+        argv.append(f"--{key}")
+        argv.extend(str(item) for item in value) if isinstance(value, list) else argv.append(str(value))
+    try:
+        (agent,) = parser.parse_args_into_dataclasses(args=argv)
+    except RecipeError as error:
+        raise RecipeError(f"In `{where}`: {error}") from None
+    return agent
+
+
+@dataclass
+class AgentsArguments:
+    """
+    The agents trained together. In YAML, a list of mappings with [`AgentConfig`] keys; on the command line, a JSON
+    list (`--agents '[{"model_name_or_path": "..."}]'`).
+
+    Args:
+        agents (`list[AgentConfig]`):
+            Two or more agents for `method: ilr`; exactly one for the `grpo` baseline.
+    """
+
+    agents: list[AgentConfig] | None = field(
+        default=None, metadata={"help": "The agents: a YAML list of mappings, or a JSON list on the command line."}
+    )
+
+    def __post_init__(self):
+        if not self.agents:
+            raise RecipeError(
+                "No agents: add an `agents:` list to the recipe, each with at least `model_name_or_path`."
+            )
+        if not isinstance(self.agents, list):
+            raise RecipeError(f"`agents` must be a list (got {type(self.agents).__name__}).")
+        self.agents = [_parse_agent(i, raw) for i, raw in enumerate(self.agents)]
+        for attribute in ("name", "hub_model_id"):
+            values = [getattr(agent, attribute) for agent in self.agents if getattr(agent, attribute) is not None]
+            duplicates = sorted({value for value in values if values.count(value) > 1})
+            if duplicates:
+                fix = "set a distinct `name:`" if attribute == "name" else "give each agent its own repository"
+                raise RecipeError(f"Two agents share `{attribute}` {duplicates}: {fix}.")
+
+
+def cooperate_probability(interaction_mode: str) -> float | None:
+    """
+    Probability that an agent cooperates under a fixed `interaction_mode`.
+
+    Args:
+        interaction_mode (`str`):
+            `dynamic`, `cooperate`, `compete` or `ratio:p`.
+
+    Returns:
+        `float | None`: 1.0 for `cooperate`, 0.0 for `compete`, p for `ratio:p`, and `None` for `dynamic` (decided per
+        question by the IRT rule).
+    """
+    if interaction_mode == "dynamic":
+        return None
+    if interaction_mode in ("cooperate", "compete"):
+        return 1.0 if interaction_mode == "cooperate" else 0.0
+    match = re.fullmatch(r"ratio:([0-9]*\.?[0-9]+)", str(interaction_mode))
+    if match is None or not 0.0 <= float(match.group(1)) <= 1.0:
+        raise RecipeError(
+            "`interaction_mode` must be dynamic, cooperate, compete or ratio:p with 0 <= p <= 1 "
+            f"(got {interaction_mode!r})."
+        )
+    return float(match.group(1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training config: GRPO + ILR
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ILRConfig(GRPOConfig):
+    r"""
+    Training configuration. All of TRL's `GRPOConfig` fields keep their meaning (`num_generations`, `beta`, `epsilon`,
+    `epsilon_high`, `loss_type`, `scale_rewards`, `temperature`, `top_p`, `max_completion_length`, `num_iterations`,
+    `learning_rate`, `reward_weights`, ...); `generation_batch_size // num_generations` is the number of questions
+    per step. The fields below are ILR's. See docs in the README ("Deviations and choices") for the defaults.
+
+    > Parameters that control the method
+
+    method (`str`, *optional*, defaults to `"ilr"`):
+        `ilr` trains all agents together; `grpo` trains a single agent with TRL's `GRPOTrainer` on the same data,
+        prompt and rewards (the baseline).
+
+    > Parameters that control Dynamic Interaction (IRT)
+
+    interaction_mode (`str`, *optional*, defaults to `"dynamic"`):
+        `dynamic` (1PL rule: cooperate when P(correct) < 0.5), `cooperate`, `compete`, or `ratio:p` (cooperate with
+        probability p, the paper's ablation).
+    difficulty_source (`str`, *optional*, defaults to `"self_rank"`):
+        `self_rank` (each agent rates each question 1-10, z-scored per agent) or `pass_rate` (k samples per
+        question and agent, joint 1PL fit).
+    difficulty_samples (`int`, *optional*, defaults to `4`):
+        Samples per question and agent for `pass_rate`.
+    difficulty_cache_dir (`str`, *optional*):
+        Where difficulty and ability estimates are cached, keyed by agents and dataset. Defaults to
+        `<output_dir>/irt`.
+    ability_samples (`int`, *optional*, defaults to `1000`):
+        Validation questions used to measure each agent's ability gamma.
+    ability_refresh_steps (`int`, *optional*, defaults to `0`):
+        Refresh gamma from the running training accuracy every N steps (0 = never).
+    irt_scale (`float`, *optional*, defaults to `1.7`):
+        The logistic scaling constant of the 1PL model.
+
+    > Parameters that control Idea3
+
+    share_selection (`str`, *optional*, defaults to `"random"`):
+        Which of an agent's G share answers peers see: `random` or `first`.
+    analysis_samples (`int`, *optional*, defaults to `1`):
+        Analyses sampled per agent and question. Needs >= 2 when `analyse` is in `train_stages`.
+    max_analysis_length (`int`, *optional*):
+        Max new tokens of an analysis; defaults to `max_completion_length`.
+    peer_max_tokens (`int`, *optional*, defaults to `1024`):
+        Token budget for each piece of peer text placed in a prompt; longer text is cut with a visible marker.
+    train_stages (`list[str]`, *optional*, defaults to `["share", "fuse"]`):
+        Stages whose groups get a GRPO loss, among `share`, `analyse`, `fuse`.
+
+    > Parameters that control Perception Calibration
+
+    calibration (`bool`, *optional*, defaults to `True`):
+        Fold the peers' reward statistics into each agent's reward.
+    calibration_scope (`str`, *optional*, defaults to `"group"`):
+        Peer statistics over the peer's G rewards for the same question and stage (`group`) or over its whole
+        batch (`batch`).
+    calibration_eps (`float`, *optional*, defaults to `1e-6`):
+        Denominator used when a peer's rewards have zero range.
+
+    > Parameters that control generation
+
+    generation_backend (`str`, *optional*, defaults to `"transformers"`):
+        `transformers`, `vllm` (colocated `vllm.LLM` per agent) or `vllm_server` (one `trl vllm-serve` per agent).
+        Sets TRL's `use_vllm` / `vllm_mode` for the `grpo` baseline.
+    """
+
+    method: str = field(default="ilr", metadata={"help": "ilr (co-training) or grpo (single-agent baseline)."})
+    interaction_mode: str = field(default="dynamic", metadata={"help": "dynamic, cooperate, compete or ratio:p."})
+    difficulty_source: str = field(default="self_rank", metadata={"help": "self_rank or pass_rate."})
+    difficulty_samples: int = field(default=4, metadata={"help": "Samples per question and agent for pass_rate."})
+    difficulty_cache_dir: str | None = field(default=None, metadata={"help": "IRT cache folder."})
+    ability_samples: int = field(default=1000, metadata={"help": "Validation questions used to measure gamma."})
+    ability_refresh_steps: int = field(default=0, metadata={"help": "Refresh gamma every N steps (0 = never)."})
+    irt_scale: float = field(default=1.7, metadata={"help": "Logistic scaling constant of the 1PL model."})
+    share_selection: str = field(default="random", metadata={"help": "Which share answer peers see: random or first."})
+    analysis_samples: int = field(default=1, metadata={"help": "Analyses sampled per agent and question."})
+    max_analysis_length: int | None = field(default=None, metadata={"help": "Max new tokens of an analysis."})
+    peer_max_tokens: int = field(default=1024, metadata={"help": "Token budget for each piece of peer text."})
+    train_stages: list[str] = field(
+        default_factory=lambda: ["share", "fuse"], metadata={"help": "Stages trained with GRPO: share, analyse, fuse."}
+    )
+    calibration: bool = field(default=True, metadata={"help": "Apply Perception Calibration."})
+    calibration_scope: str = field(default="group", metadata={"help": "Peer statistics scope: group or batch."})
+    calibration_eps: float = field(default=1e-6, metadata={"help": "Denominator for a zero peer reward range."})
+    generation_backend: str = field(default="transformers", metadata={"help": "transformers, vllm or vllm_server."})
+
+    def __post_init__(self):
+        _one_of("method", self.method, METHODS)
+        _one_of("difficulty_source", self.difficulty_source, DIFFICULTY_SOURCES)
+        _one_of("share_selection", self.share_selection, SHARE_SELECTIONS)
+        _one_of("calibration_scope", self.calibration_scope, CALIBRATION_SCOPES)
+        _one_of("generation_backend", self.generation_backend, GENERATION_BACKENDS)
+        cooperate_probability(self.interaction_mode)
+        for key in ("difficulty_samples", "ability_samples", "analysis_samples", "peer_max_tokens"):
+            _positive(key, getattr(self, key))
+        _positive("max_analysis_length", self.max_analysis_length)
+        _positive("ability_refresh_steps", self.ability_refresh_steps, allow_zero=True)
+        _positive("irt_scale", self.irt_scale)
+        _positive("calibration_eps", self.calibration_eps)
+        _positive("max_completion_length", self.max_completion_length)
+        _positive("num_generations", self.num_generations)
+        if not self.train_stages:
+            raise RecipeError("`train_stages` is empty: train at least one of share, analyse, fuse.")
+        for stage in self.train_stages:
+            _one_of("train_stages", stage, STAGES)
+        if len(set(self.train_stages)) != len(self.train_stages):
+            raise RecipeError(f"`train_stages` lists a stage twice: {self.train_stages}.")
+        if "analyse" in self.train_stages and self.analysis_samples < 2:
+            raise RecipeError(
+                "Training the `analyse` stage needs a GRPO group: set `analysis_samples` >= 2 (got "
+                f"{self.analysis_samples}) or remove `analyse` from `train_stages`."
+            )
+        if self.method == "ilr":
+            _one_of("loss_type", self.loss_type, ILR_LOSS_TYPES)
+        if str(self.scale_rewards) not in ("True", "False"):
+            _one_of("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        if self.use_vllm:
+            raise RecipeError(
+                "Set `generation_backend: vllm` (colocated) or `generation_backend: vllm_server` instead of "
+                "`use_vllm`; the backend is one setting for ILR and the baseline."
+            )
+        if self.generation_backend != "transformers":
+            if importlib.util.find_spec("vllm") is None:
+                raise RecipeError(
+                    f"`generation_backend: {self.generation_backend}` needs vLLM, which is not installed. Install it "
+                    "with `pip install -e '.[vllm]'` (CUDA machines only), or use `generation_backend: transformers`."
+                )
+            self.use_vllm = True
+            self.vllm_mode = "colocate" if self.generation_backend == "vllm" else "server"
+        super().__post_init__()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------------------------------
+class _RecipeParser(TrlParser):
+    """`TrlParser` that raises [`RecipeError`] instead of exiting, and type-checks YAML values like CLI flags."""
+
+    def __init__(self, dataclass_types, context: str = "recipe", **kwargs):
+        super().__init__(dataclass_types, **kwargs)
+        self.context = context
+        # argparse wraps optional types in closures; keep the declared scalar type for checks and messages.
+        self.scalar_types: dict[str, type] = {}
+        for dataclass_type in dataclass_types:
+            for name, hint in typing.get_type_hints(dataclass_type).items():
+                options = [option for option in typing.get_args(hint) if option is not type(None)] or [hint]
+                if len(options) == 1 and options[0] in (int, float, bool, str):
+                    self.scalar_types[name] = options[0]
+        for action in self._actions:
+            if action.dest == "agents":
+                # A JSON list on the command line; YAML lists arrive as defaults, untouched.
+                action.type, action.nargs = _json_list, None
+
+    def error(self, message: str):
+        raise RecipeError(f"Invalid {self.context} value: {message}. Fix it in the recipe or on the command line.")
+
+    def set_defaults_with_config(self, **kwargs) -> list[str]:
+        actions = {action.dest: action for action in self._actions}
+        unknown = [key for key in kwargs if key not in actions]
+        if unknown:
+            lines = []
+            for key in unknown:
+                hint = difflib.get_close_matches(key, actions, n=1)
+                lines.append(f"`{key}`" + (f" (did you mean `{hint[0]}`?)" if hint else ""))
+            raise RecipeError(
+                f"Unknown recipe key(s): {', '.join(lines)}. Remove or rename them; `ilr check --help` lists every key."
+            )
+        for key, value in kwargs.items():
+            kwargs[key] = _check_recipe_value(actions[key], value, self.scalar_types.get(key))
+        return super().set_defaults_with_config(**kwargs)
+
+
+def _json_list(text: str) -> list:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"expected a JSON list ({error})") from None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError("expected a JSON list")
+    return value
+
+
+def _check_recipe_value(action: argparse.Action, value: Any, scalar_type: type | None) -> Any:
+    """Converts a YAML value with the same `type` and `choices` the command-line flag uses."""
+    key = action.dest
+    if value is None or action.type is None or action.type is _json_list:
+        return value
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        return [_convert(key, action, item, scalar_type) for item in items]
+    if isinstance(value, (list, dict)):
+        # Fields such as `report_to` or `model_init_kwargs` take structured YAML values as TrlParser does; a number
+        # or a switch never does.
+        if scalar_type in (int, float, bool):
+            raise RecipeError(f"Recipe key `{key}` takes a single value, not {type(value).__name__} {value!r}.")
+        return value
+    return _convert(key, action, value, scalar_type)
+
+
+def _convert(key: str, action: argparse.Action, value: Any, scalar_type: type | None) -> Any:
+    expected = {int: "an integer", float: "a number", bool: "true or false"}.get(scalar_type)
+    # int("2.5") fails but YAML hands us the float 2.5, and int(True) would pass: check the YAML type itself.
+    wrong_yaml_type = (scalar_type is int and isinstance(value, (bool, float))) or (
+        scalar_type is float and isinstance(value, bool)
+    )
+    try:
+        if wrong_yaml_type:
+            raise ValueError(value)
+        converted = action.type(value if isinstance(value, str) else str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+        reason = f"expects {expected}" if expected else f"is invalid ({error})"
+        raise RecipeError(f"Recipe key `{key}` {reason} (got {value!r}).") from None
+    if action.choices is not None and str(converted) not in map(str, action.choices):
+        raise RecipeError(f"Recipe key `{key}` must be one of {list(map(str, action.choices))} (got {value!r}).")
+    return converted
+
+
+def parse_recipe(args: Iterable[str] | None = None) -> tuple[ILRScriptArguments, AgentsArguments, ILRConfig]:
+    """
+    Parses `--config recipe.yaml` plus command-line overrides into the three config objects.
+
+    Args:
+        args (`Iterable[str]`, *optional*):
+            Command-line arguments; defaults to `sys.argv[1:]`. CLI flags override the YAML file.
+
+    Returns:
+        `tuple[ILRScriptArguments, AgentsArguments, ILRConfig]`: the validated configuration.
+
+    Raises:
+        [`RecipeError`]: for an unknown key, a wrong type, an agent without a model, an unknown reward or any other
+            invalid setting. Raised before any model or dataset is loaded.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    parser = _RecipeParser((ILRScriptArguments, AgentsArguments, ILRConfig))
+    try:
+        script_args, agents_args, training_args = parser.parse_args_and_config(args)
+    except RecipeError:
+        raise
+    except (TypeError, ValueError) as error:  # raised by TRL's / transformers' own __post_init__ checks
+        raise RecipeError(str(error)) from error
+    if training_args.method == "ilr" and len(agents_args.agents) < 2:
+        raise RecipeError(
+            f"`method: ilr` trains two or more agents together (got {len(agents_args.agents)}). Add an agent, or use "
+            "`method: grpo` for the single-agent baseline."
+        )
+    if training_args.method == "grpo" and len(agents_args.agents) != 1:
+        raise RecipeError(
+            f"`method: grpo` is the single-agent baseline and takes exactly one agent (got "
+            f"{len(agents_args.agents)}); write one recipe per baseline model."
+        )
+    if training_args.reward_weights is not None and len(training_args.reward_weights) != len(script_args.reward_funcs):
+        raise RecipeError(
+            f"`reward_weights` has {len(training_args.reward_weights)} values for "
+            f"{len(script_args.reward_funcs)} `reward_funcs`: give one weight per reward."
+        )
+    return script_args, agents_args, training_args
