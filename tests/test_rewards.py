@@ -366,8 +366,9 @@ def test_registry():
     assert {name: f.__name__ for name, f in REWARD_FUNCS.items()} == {
         "accuracy": "accuracy_reward",
         "format": "format_reward",
+        "code": "code_reward",
     }
-    with pytest.raises(ValueError, match=r"Unknown reward function 'acc'\. Valid names: accuracy, format\. Fix"):
+    with pytest.raises(ValueError, match=r"Unknown reward function 'acc'\. Valid names: accuracy, code, format\. Fix"):
         get_reward_funcs(["accuracy", "acc"])
 
 

@@ -75,13 +75,29 @@ def _processes() -> dict[int, tuple[int, str]]:
     return table
 
 
-def _descendants(table: dict[int, tuple[int, str]] | None = None) -> set[int]:
+def _all_descendants(table: dict[int, tuple[int, str]] | None = None) -> set[int]:
     table = _processes() if table is None else table
     found, frontier = set(), {os.getpid()}
     while frontier:
         frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - found
         found |= frontier
     return found
+
+
+# Children this test process had before the current test (e.g. the reward pool's forkserver and workers, started by
+# other test files): they are not the sandbox's to clean up.
+_preexisting: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _record_preexisting_children() -> None:
+    _preexisting.clear()
+    _preexisting.update(_all_descendants())
+
+
+def _descendants(table: dict[int, tuple[int, str]] | None = None) -> set[int]:
+    """Descendants of this test process started during the current test."""
+    return _all_descendants(table) - _preexisting
 
 
 class _Watcher:
