@@ -282,9 +282,9 @@ def test_memory_hog_is_contained():
     result = run_tests("blob = bytearray(4 * 1024**3)", ["assert True"], limits=FAST)
     assert (result.status, result.passed) == ("error", 0)
     assert "MemoryError" in result.stderr
-    # No child ever got near the 4 GiB (ru_maxrss is in KiB, and the largest child of the whole run so far, which
-    # may be an earlier test's subprocess).
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss <= max(before, 512 * 1024)
+    # No child ever got near the 4 GiB (ru_maxrss is in KiB; it is the largest child of the whole run so far, which
+    # may be an earlier test's subprocess of a few hundred MiB).
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < max(before, 2 * 1024**2)
 
 
 def test_huge_output_is_capped():
