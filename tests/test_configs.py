@@ -184,3 +184,22 @@ def test_cli_check_reports_user_errors_in_one_line(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "Recipe OK: method=ilr, 2 agent(s)" in result.stdout
+
+
+def test_vllm_server_agents_need_distinct_ports(tmp_path, monkeypatch):
+    import importlib.util
+
+    # vLLM cannot be installed on this CPU machine: pretend it is, so the port check itself is reached.
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else find_spec(name, *a)
+    )
+    agents = [
+        {"model_name_or_path": "org/a", "vllm_server_port": 8001, "vllm_group_port": 51301},
+        {"model_name_or_path": "org/b", "vllm_server_port": 8001, "vllm_group_port": 51302},
+    ]
+    with pytest.raises(RecipeError, match=r"Port 8001 .*`vllm_server_port` of agent `b`"):
+        parse(tmp_path, base_recipe(agents=agents, generation_backend="vllm_server"))
+    agents[1]["vllm_server_port"] = 8002
+    _, _, training_args = parse(tmp_path, base_recipe(agents=agents, generation_backend="vllm_server"))
+    assert (training_args.use_vllm, training_args.vllm_mode) == (True, "server")

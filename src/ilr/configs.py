@@ -534,6 +534,13 @@ def parse_recipe(args: Iterable[str] | None = None) -> tuple[ILRScriptArguments,
             f"`method: grpo` is the single-agent baseline and takes exactly one agent (got "
             f"{len(agents_args.agents)}); write one recipe per baseline model."
         )
+    if training_args.generation_backend == "vllm_server":
+        from ilr.generation import check_vllm_server_ports
+
+        try:
+            check_vllm_server_ports(agents_args.agents)
+        except ValueError as error:
+            raise RecipeError(str(error)) from None
     if training_args.reward_weights is not None and len(training_args.reward_weights) != len(script_args.reward_funcs):
         raise RecipeError(
             f"`reward_weights` has {len(training_args.reward_weights)} values for "
