@@ -5,7 +5,13 @@ placeholder and `$$` a literal dollar sign. `string.Template` is used rather tha
 texts filled into them are full of LaTeX braces (`\\boxed{}`, `\\frac{1}{2}`); filled-in values are never re-scanned,
 so a problem containing `{`, `}` or `$` is inserted verbatim. One trailing newline of the file is dropped.
 
-Single-agent templates: `math_single` (evaluation prompt and the Idea3 "share" prompt for maths) and `code_single`.
+Templates, by `<task>_<stage>[_<mode>]` with task `math` (answer in `\\boxed{}`) or `code` (one fenced python block):
+
+- `math_single`, `code_single`: the plain single-agent prompt, used at evaluation and as the Idea3 "share" prompt.
+- `<task>_analyse_cooperate`, `<task>_analyse_compete`: Idea3 analysis, framed by the agent's mode.
+- `<task>_fuse_cooperate`, `<task>_fuse_compete`: Idea3 fusion into a final answer.
+- `<task>_debate`: a debate round (the other agents' previous answers, then an updated answer).
+- `self_rank`: the difficulty self-rating of Dynamic Interaction (`Difficulty: N`, 1-10).
 """
 
 import string
