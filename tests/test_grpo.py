@@ -1,0 +1,380 @@
+"""GRPO maths against TRL 1.16: loss values and gradients of `GRPOTrainer._compute_loss`, advantages of
+`GRPOTrainer._generate_and_score_completions`, plus hand-computed cases."""
+
+import math
+
+import pytest
+import torch
+
+from ilr.grpo import LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss, nanstd, per_token_logps
+
+
+NAN = math.nan
+TEMPERATURE = 0.7
+EPSILON_LOW, EPSILON_HIGH = 0.2, 0.28
+MAX_COMPLETION_LENGTH = 6
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The tiny model's matrices are so small that two OpenMP threads spend their time synchronising; on a busy 2-core
+    machine a backward pass took 0.75 s with two threads and 2 ms with one."""
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
+
+
+def _grpo_trainer(model_path: str, tmp_path, reward_func=None, **config_overrides):
+    """A real TRL `GRPOTrainer` on a tiny model, CPU and fp32, with a two-prompt dataset."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    config = {
+        "output_dir": str(tmp_path),
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "gradient_checkpointing": False,
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": MAX_COMPLETION_LENGTH,
+        "temperature": TEMPERATURE,
+        "epsilon": EPSILON_LOW,
+        "epsilon_high": EPSILON_HIGH,
+        "seed": 0,
+    }
+    config.update(config_overrides)
+    trainer = GRPOTrainer(
+        model=model_path,
+        reward_funcs=reward_func or (lambda completions, **kwargs: [float(len(c)) for c in completions]),
+        args=GRPOConfig(**config),
+        train_dataset=Dataset.from_dict({"prompt": ["What is 2 + 3?", "Name a prime."]}),
+    )
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()  # the "train" branch of `_compute_loss` (dropout is 0 in the tiny model)
+    return trainer
+
+
+def _loss_inputs(vocab_size: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Four left-padded prompts and right-padded completions of different lengths (one of length 1)."""
+    generator = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(10, vocab_size, (4, 5), generator=generator)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[1, :2] = 0
+    prompt_mask[3, :1] = 0
+    completion_ids = torch.randint(10, vocab_size, (4, MAX_COMPLETION_LENGTH), generator=generator)
+    completion_lengths = torch.tensor([6, 3, 1, 5])
+    completion_mask = (torch.arange(MAX_COMPLETION_LENGTH) < completion_lengths[:, None]).long()
+    return {
+        "prompt_ids": prompt_ids.masked_fill(prompt_mask == 0, pad_token_id),
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids.masked_fill(completion_mask == 0, pad_token_id),
+        "completion_mask": completion_mask,
+    }
+
+
+def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: param.grad.detach().clone() for name, param in model.named_parameters() if param.grad is not None}
+
+
+def _assert_gradient_close(gradient: torch.Tensor, trl_gradient: torch.Tensor, name: str) -> None:
+    # rtol 1e-5 elementwise, with an absolute floor at 1e-5 of the tensor's largest entry: TRL's chunked log-softmax
+    # sums in another order, so entries near 0 differ by float32 rounding (~1e-7 of the largest, measured).
+    atol = 1e-5 * trl_gradient.abs().max().item()
+    torch.testing.assert_close(gradient, trl_gradient, rtol=1e-5, atol=atol, msg=lambda msg: f"{name}: {msg}")
+    assert gradient.abs().max() > 0, name
+
+
+@pytest.mark.parametrize(
+    ("beta", "use_bias_correction_kl"),
+    [(0.0, True), (0.04, True), (0.04, False)],
+    ids=["no_kl", "kl", "kl_uncorrected"],
+)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_and_gradients_match_trl(
+    tiny_model_a, tiny_model_a_info, tmp_path, loss_type, beta, use_bias_correction_kl
+):
+    from transformers import AutoModelForCausalLM
+
+    trainer = _grpo_trainer(
+        tiny_model_a, tmp_path, loss_type=loss_type, beta=beta, use_bias_correction_kl=use_bias_correction_kl
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_a, dtype=torch.float32)
+    model.train()
+    for (name, trl_param), param in zip(trainer.model.named_parameters(), model.parameters(), strict=True):
+        assert torch.equal(trl_param, param), name
+
+    inputs = _loss_inputs(tiny_model_a_info.vocab_size, tiny_model_a_info.pad_token_id)
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    with torch.no_grad():
+        logps_now = per_token_logps(model, input_ids, attention_mask, MAX_COMPLETION_LENGTH, TEMPERATURE)
+    generator = torch.Generator().manual_seed(1)
+    # Off-policy by up to ~+-0.5 nats per token, so that ratios leave [1 - 0.2, 1 + 0.28] on both sides.
+    inputs["old_per_token_logps"] = logps_now + 0.3 * torch.randn(logps_now.shape, generator=generator)
+    inputs["advantages"] = torch.tensor([1.0, -0.5, 0.7, -1.2])
+    if beta:
+        inputs["ref_per_token_logps"] = logps_now + 0.2 * torch.randn(logps_now.shape, generator=generator)
+    if loss_type == "dapo":
+        # As if this micro-batch were part of a larger accumulated batch: tells dapo apart from bnpo.
+        inputs["num_items_in_batch"] = inputs["completion_mask"].sum() + 7
+
+    trl_loss = trainer._compute_loss(trainer.model, inputs)
+    trl_loss.backward()
+    trl_gradients = _gradients(trainer.model)
+
+    logps = per_token_logps(model, input_ids, attention_mask, MAX_COMPLETION_LENGTH, TEMPERATURE)
+    loss, metrics = grpo_loss(
+        logps,
+        inputs["old_per_token_logps"],
+        inputs["advantages"],
+        inputs["completion_mask"],
+        loss_type=loss_type,
+        epsilon_low=EPSILON_LOW,
+        epsilon_high=EPSILON_HIGH,
+        beta=beta,
+        ref_per_token_logps=inputs.get("ref_per_token_logps"),
+        max_completion_length=MAX_COMPLETION_LENGTH,
+        num_items_in_batch=inputs.get("num_items_in_batch"),
+        use_bias_correction_kl=use_bias_correction_kl,
+    )
+    loss.backward()
+    gradients = _gradients(model)
+
+    assert abs(loss.item() - trl_loss.item()) <= 1e-6
+    assert gradients.keys() == trl_gradients.keys()
+    for name, gradient in gradients.items():
+        _assert_gradient_close(gradient, trl_gradients[name], name)
+    # Clipping happened on both sides, and the metrics carry TRL's names and values.
+    assert metrics["clip_ratio/low_mean"] > 0 and metrics["clip_ratio/high_mean"] > 0
+    trl_metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+    for name, value in metrics.items():
+        assert value == pytest.approx(trl_metrics[name], abs=1e-6, nan_ok=True), name
+    assert ("kl" in metrics) == bool(beta)
+
+
+def test_per_token_advantages_match_trl(tiny_model_a, tiny_model_a_info, tmp_path):
+    """Advantages of shape (B, T), which TRL's loss also accepts."""
+    from transformers import AutoModelForCausalLM
+
+    trainer = _grpo_trainer(tiny_model_a, tmp_path, loss_type="bnpo")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_a, dtype=torch.float32)
+    inputs = _loss_inputs(tiny_model_a_info.vocab_size, tiny_model_a_info.pad_token_id)
+    inputs["advantages"] = torch.randn(4, MAX_COMPLETION_LENGTH, generator=torch.Generator().manual_seed(2))
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+
+    trl_loss = trainer._compute_loss(trainer.model, inputs)  # on-policy: no old_per_token_logps
+    trl_loss.backward()
+    logps = per_token_logps(model, input_ids, attention_mask, MAX_COMPLETION_LENGTH, TEMPERATURE)
+    loss, _ = grpo_loss(
+        logps,
+        None,
+        inputs["advantages"],
+        inputs["completion_mask"],
+        loss_type="bnpo",
+        epsilon_low=EPSILON_LOW,
+        epsilon_high=EPSILON_HIGH,
+    )
+    loss.backward()
+    assert abs(loss.item() - trl_loss.item()) <= 1e-6
+    trl_gradients = _gradients(trainer.model)
+    for name, gradient in _gradients(model).items():
+        _assert_gradient_close(gradient, trl_gradients[name], name)
+
+
+# Five groups of four: mixed, constant, one unscorable completion, a single scorable one, and none scorable.
+TRL_REWARDS = [
+    [1.0, 0.0, 0.5, 1.0],
+    [0.5, 0.5, 0.5, 0.5],
+    [1.0, None, 0.0, 0.25],
+    [None, None, 2.0, None],
+    [None, None, None, None],
+]
+
+
+@pytest.mark.parametrize("scale_rewards", SCALE_REWARDS)
+def test_group_advantages_match_trl(tiny_model_a, tmp_path, scale_rewards):
+    """Runs TRL's own code path, `_generate_and_score_completions`, with a reward function that returns fixed rewards
+    (it generates real completions from the tiny model, then scores them in order)."""
+    num_questions, num_generations = len(TRL_REWARDS), len(TRL_REWARDS[0])
+    queued_rewards = [reward for group in TRL_REWARDS for reward in group]
+
+    def fixed_rewards(completions, **kwargs):
+        return [queued_rewards.pop(0) for _ in completions]
+
+    trainer = _grpo_trainer(
+        tiny_model_a,
+        tmp_path,
+        reward_func=fixed_rewards,
+        scale_rewards=scale_rewards,
+        per_device_train_batch_size=num_questions * num_generations,
+        num_generations=num_generations,
+    )
+    generation_batch = [{"prompt": f"Question {q}?"} for q in range(num_questions) for _ in range(num_generations)]
+    trl_advantages = trainer._generate_and_score_completions(generation_batch)["advantages"]
+    assert not queued_rewards
+
+    rewards = torch.tensor([[NAN if r is None else r for r in group] for group in TRL_REWARDS])
+    advantages = group_advantages(rewards, scale_rewards)
+    torch.testing.assert_close(advantages.flatten(), trl_advantages, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hand-computed cases
+# ---------------------------------------------------------------------------------------------------------------------
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    std = math.sqrt(1 / 3)  # Bessel-corrected std of (1, 0, 1, 0)
+    expected = torch.tensor([[0.5, -0.5, 0.5, -0.5], [0.0, 0.0, 0.0, 0.0]]) / (std + 1e-4)
+    torch.testing.assert_close(group_advantages(rewards, "group"), expected)
+    torch.testing.assert_close(group_advantages(rewards, True), expected)
+    torch.testing.assert_close(group_advantages(rewards, "none"), torch.tensor([[0.5, -0.5, 0.5, -0.5], [0.0] * 4]))
+    assert torch.equal(group_advantages(rewards, False), group_advantages(rewards, "none"))
+    batch_std = torch.std(rewards).item()
+    torch.testing.assert_close(
+        group_advantages(rewards, "batch"), group_advantages(rewards, "none") / (batch_std + 1e-4)
+    )
+
+
+def test_group_advantages_nan_policy():
+    rewards = torch.tensor([[1.0, NAN, 0.0], [NAN, 3.0, NAN], [NAN, NAN, NAN]])
+    for scale_rewards in SCALE_REWARDS:
+        advantages = group_advantages(rewards, scale_rewards)
+        assert not torch.isnan(advantages).any()
+        # The NaN completion neither gets a signal nor shifts its group's baseline (mean of 1 and 0 is 0.5).
+        assert advantages[0, 1].item() == 0.0
+        assert advantages[0, 0].item() == pytest.approx(-advantages[0, 2].item())
+        assert advantages[0, 0].item() > 0
+        assert torch.equal(advantages[1:], torch.zeros(2, 3))
+    torch.testing.assert_close(group_advantages(rewards, "none")[0], torch.tensor([0.5, 0.0, -0.5]))
+    # A single completion per group (evaluation only) has no spread: advantage 0.
+    assert torch.equal(group_advantages(torch.tensor([[1.0], [0.0]]), "group"), torch.zeros(2, 1))
+
+
+def test_group_advantages_validation():
+    with pytest.raises(ValueError, match="scale_rewards"):
+        group_advantages(torch.zeros(2, 4), "question")
+    with pytest.raises(ValueError, match="shape"):
+        group_advantages(torch.zeros(8), "group")
+
+
+def test_nanstd_matches_torch_std():
+    values = torch.tensor([[1.0, 2.0, 4.0, NAN], [0.0, 1.0, NAN, NAN]])
+    torch.testing.assert_close(
+        nanstd(values, dim=1), torch.stack([torch.std(values[0, :3]), torch.std(values[1, :2])])
+    )
+    assert torch.isnan(nanstd(torch.tensor([1.0, NAN])))
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "expected"),
+    [
+        ("grpo", (-1.0 - 2.0) / 2),  # per-sequence means -1 and -2
+        ("bnpo", (-1.0 * 2 - 2.0 * 1) / 3),  # 3 completion tokens
+        ("dr_grpo", (-1.0 * 2 - 2.0 * 1) / (2 * 4)),  # B = 2, max_completion_length = 4
+        ("dapo", (-1.0 * 2 - 2.0 * 1) / 10),  # 10 tokens in the whole accumulated batch
+    ],
+)
+def test_loss_normalisation_by_hand(loss_type, expected):
+    # On-policy (ratio 1): the per-token loss is -A.
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -2.5]], requires_grad=True)
+    completion_mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    loss, _ = grpo_loss(
+        logps,
+        None,
+        torch.tensor([1.0, 2.0]),
+        completion_mask,
+        loss_type=loss_type,
+        epsilon_low=0.2,
+        epsilon_high=0.2,
+        max_completion_length=4,
+        num_items_in_batch=10,
+    )
+    assert loss.item() == pytest.approx(expected)
+    loss.backward()
+    assert (logps.grad[completion_mask == 0] == 0).all()
+
+
+def test_clipped_tokens_get_no_gradient():
+    # Token 0: ratio e^0.5 > 1.28 with A > 0: clipped high. Token 1: ratio e^-0.5 < 0.8 with A > 0: not clipped (the
+    # unclipped term is the min). Sequence 2 with A < 0: token 0 ratio e^-0.5 clipped low, token 1 ratio e^0.5 not.
+    logps = torch.zeros(2, 2, requires_grad=True)
+    old_logps = torch.tensor([[-0.5, 0.5], [0.5, -0.5]])
+    loss, metrics = grpo_loss(
+        logps,
+        old_logps,
+        torch.tensor([1.0, -1.0]),
+        torch.ones(2, 2),
+        loss_type="bnpo",
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+    )
+    loss.backward()
+    assert logps.grad[0, 0] == 0 and logps.grad[1, 0] == 0
+    assert logps.grad[0, 1] != 0 and logps.grad[1, 1] != 0
+    assert metrics["clip_ratio/high_mean"] == 0.25 and metrics["clip_ratio/low_mean"] == 0.25
+    assert metrics["clip_ratio/region_mean"] == 0.5
+    assert metrics["clip_ratio/high_max"] == 0.5 and metrics["clip_ratio/low_min"] == 0.0
+    assert "kl" not in metrics
+
+
+def test_kl_term_by_hand():
+    logps = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    ref_logps = torch.tensor([[0.5, -0.5]])
+    loss, metrics = grpo_loss(
+        logps,
+        None,
+        torch.tensor([0.0]),
+        torch.ones(1, 2),
+        loss_type="grpo",
+        epsilon_low=0.2,
+        epsilon_high=0.2,
+        beta=0.1,
+        ref_per_token_logps=ref_logps,
+    )
+    expected_kl = ((math.exp(0.5) - 0.5 - 1) + (math.exp(-0.5) + 0.5 - 1)) / 2
+    assert metrics["kl"] == pytest.approx(expected_kl)
+    assert loss.item() == pytest.approx(0.1 * expected_kl)
+
+
+def test_grpo_loss_validation():
+    logps, mask, advantages = torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(2)
+    kwargs = {"epsilon_low": 0.2, "epsilon_high": 0.2}
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo_loss(logps, None, advantages, mask, loss_type="ppo", **kwargs)
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        grpo_loss(logps, None, advantages, mask, loss_type="dapo", **kwargs)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        grpo_loss(logps, None, advantages, mask, loss_type="dr_grpo", **kwargs)
+    with pytest.raises(ValueError, match="ref_per_token_logps"):
+        grpo_loss(logps, None, advantages, mask, loss_type="grpo", beta=0.1, **kwargs)
+    with pytest.raises(ValueError, match="same shape"):
+        grpo_loss(logps, None, advantages, torch.ones(2, 4), loss_type="grpo", **kwargs)
+
+
+def test_per_token_logps_by_hand(tiny_model_a):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_a, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(10, 400, (3, 9), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, -2:] = 0  # a completion that ended early
+    with torch.no_grad():
+        logps = per_token_logps(model, input_ids, attention_mask, 4, temperature=0.5)
+        chunked = per_token_logps(model, input_ids, attention_mask, 4, temperature=0.5, batch_size=2)
+        full_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    expected = torch.log_softmax(full_logits[:, -5:-1] / 0.5, dim=-1).gather(-1, input_ids[:, -4:, None]).squeeze(-1)
+    expected = expected.masked_fill(attention_mask[:, -4:] == 0, 0.0)
+    assert logps.shape == (3, 4)
+    torch.testing.assert_close(logps, expected)
+    torch.testing.assert_close(chunked, logps)
+    assert (logps[2, -2:] == 0).all()
+
+
+def test_constants_match_config():
+    configs = pytest.importorskip("ilr.configs")
+    assert configs.ILR_LOSS_TYPES == LOSS_TYPES
+    assert configs.SCALE_REWARDS == SCALE_REWARDS
