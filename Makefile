@@ -1,6 +1,6 @@
 # ILR recipe repository. `make test` sets everything up on a fresh machine, then runs the offline suite.
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow quality style clean
+.PHONY: help install test test-slow quality style clean evaluate
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -35,6 +35,12 @@ test: $(STAMP)  ## run the offline CPU test suite (sets the environment up first
 
 test-slow: $(STAMP)  ## run the slow tests too (real small model, long fault loops)
 	$(OFFLINE) $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# MODEL: Hub id or local folder; BENCHMARKS: comma list (math_avg = the paper's five); ARGS: any other `ilr evaluate` flags.
+BENCHMARKS ?= math_avg
+evaluate: $(STAMP)  ## evaluate a model alone: make evaluate MODEL=org/name BENCHMARKS=gsm8k,math500 [ARGS=...]
+	@test -n "$(MODEL)" || { echo "Set MODEL, e.g. make evaluate MODEL=org/name BENCHMARKS=gsm8k,math500"; exit 2; }
+	$(VENV)/bin/ilr evaluate --model $(MODEL) --benchmarks $(BENCHMARKS) $(ARGS)
 
 quality: $(STAMP)  ## lint and format check
 	$(VENV)/bin/ruff check src tests

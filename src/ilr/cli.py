@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ilr import __version__
 
@@ -35,9 +36,87 @@ def _check(args: list[str]) -> int:
     return 0
 
 
+def _evaluate(args: list[str]) -> int:
+    """Evaluates a model alone (or a recipe's agents under a protocol) on benchmarks; see `ilr.evaluate`."""
+    from ilr.evaluate import evaluate_command
+
+    return evaluate_command(args)
+
+
+def _card(args: list[str]) -> int:
+    """Writes an eval card (README.md + chart) from a results file, and pushes it with --push."""
+    from ilr.cards import write_card
+    from ilr.hub import push_files
+
+    parser = argparse.ArgumentParser(prog="ilr card", description="Write (and push) the eval card of a model.")
+    parser.add_argument("results", help="results file of the model (ilr evaluate)")
+    parser.add_argument("--base", help="results file of the base model, for the base column, paired deltas and chart")
+    parser.add_argument("--config", help="training recipe: pairing and settings go in the card")
+    parser.add_argument("--output_dir", help="folder for README.md and the chart (default: <results dir>/card)")
+    parser.add_argument("--model_name", help="name shown in the card")
+    parser.add_argument("--license", help="license identifier for the metadata")
+    parser.add_argument("--push", action="store_true", help="push README.md and the chart to --repo_id")
+    parser.add_argument("--repo_id", help="Hub model repository to push to (default: the evaluated model's id)")
+    parser.add_argument("--create_pr", action="store_true", help="open a pull request instead of committing")
+    options = parser.parse_args(args)
+    output_dir = options.output_dir or str(Path(options.results).parent / "card")
+    files = write_card(
+        options.results,
+        output_dir,
+        base_results_path=options.base,
+        recipe_path=options.config,
+        model_name=options.model_name,
+        license=options.license,
+    )
+    print(f"Card written: {files['README.md']} (+ {', '.join(str(p) for n, p in files.items() if n != 'README.md')})")
+    if options.push:
+        from ilr.evaluate import load_results
+
+        repo_id = options.repo_id or load_results(options.results)["model"]["name_or_path"]
+        if repo_id.count("/") != 1 or Path(repo_id).exists():
+            raise FileNotFoundError(f"the evaluated model {repo_id!r} is not a Hub id: pass `--repo_id org/name`")
+        url = push_files(repo_id, files, commit_message="Add ILR eval card", create_pr=options.create_pr)
+        print(f"Pushed: {url}")
+    return 0
+
+
+def _compare(args: list[str]) -> int:
+    """Prints a markdown leaderboard of several results files."""
+    from ilr.cards import render_leaderboard
+    from ilr.evaluate import load_results
+
+    parser = argparse.ArgumentParser(prog="ilr compare", description="Markdown leaderboard of results files.")
+    parser.add_argument("results", nargs="+", help="results files (ilr evaluate)")
+    parser.add_argument("--output", help="also write the table to this file")
+    options = parser.parse_args(args)
+    table = render_leaderboard([load_results(path) for path in options.results])
+    print(table)
+    if options.output:
+        Path(options.output).write_text(table + "\n", encoding="utf-8")
+    return 0
+
+
+def _download(args: list[str]) -> int:
+    """Downloads a released checkpoint from the Hub, pinned to a revision."""
+    from ilr.hub import download_model
+
+    parser = argparse.ArgumentParser(prog="ilr download", description="Download a model from the Hub (resumable).")
+    parser.add_argument("repo_id", help="Hub model id, org/name")
+    parser.add_argument("--revision", help="branch, tag or commit (default: main), resolved to a commit sha")
+    parser.add_argument("--local_dir", help="download into this folder instead of the Hugging Face cache")
+    options = parser.parse_args(args)
+    folder, sha = download_model(options.repo_id, revision=options.revision, local_dir=options.local_dir)
+    print(f"{options.repo_id}@{sha or options.revision or 'main'} -> {folder}")
+    return 0
+
+
 # Subcommand name -> (handler taking the remaining argv, one-line help).
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "check": (_check, "validate a recipe: ilr check --config recipes/.../config.yaml [--key value ...]"),
+    "evaluate": (_evaluate, "evaluate a model alone: ilr evaluate --model M --benchmarks gsm8k,math500 [...]"),
+    "card": (_card, "write (--push: push) an eval card: ilr card results.json [--base base.json] [--config ...]"),
+    "compare": (_compare, "markdown leaderboard: ilr compare a.json b.json ..."),
+    "download": (_download, "download a released checkpoint: ilr download org/name [--revision R] [--local_dir D]"),
 }
 
 
@@ -52,8 +131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         `int`: the process exit code.
     """
-    from ilr.configs import RecipeError
-
     parser = argparse.ArgumentParser(prog="ilr", description="ILR: Interactive Learning for LLM Reasoning.")
     parser.add_argument("--version", action="version", version=f"ilr {__version__}")
     parser.add_argument(
@@ -63,9 +140,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler, _ = COMMANDS[known.command]
     try:
         return handler(rest)
-    except (RecipeError, FileNotFoundError) as error:
+    except Exception as error:
+        if not isinstance(error, _user_error_types()):
+            raise
         print(f"ilr {known.command}: error: {error}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
+
+
+# Modules that define a user-error class, and its name. Looked up only once an error is raised: such an error can only
+# come from a module already imported, and importing `ilr.configs` (trl) up front would cost seconds for every command.
+_USER_ERRORS = (("ilr.configs", "RecipeError"), ("ilr.evaluate", "EvaluationError"))
+
+
+def _user_error_types() -> tuple[type[Exception], ...]:
+    """Exceptions reported as one line with exit code 2: bad input, missing files, an offline or unreachable Hub."""
+    types: list[type[Exception]] = [FileNotFoundError, ConnectionError]
+    types += [getattr(sys.modules[module], name) for module, name in _USER_ERRORS if module in sys.modules]
+    return tuple(types)
 
 
 if __name__ == "__main__":
