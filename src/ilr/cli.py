@@ -110,9 +110,17 @@ def _download(args: list[str]) -> int:
     return 0
 
 
+def _interact(args: list[str]) -> int:
+    """Runs one discussion of a recipe's agents and prints the transcript; see `ilr.discussion`."""
+    from ilr.discussion import interact_command
+
+    return interact_command(args)
+
+
 # Subcommand name -> (handler taking the remaining argv, one-line help).
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "check": (_check, "validate a recipe: ilr check --config recipes/.../config.yaml [--key value ...]"),
+    "interact": (_interact, "show one discussion: ilr interact --config pair.yaml --question '...' [--protocol ...]"),
     "evaluate": (_evaluate, "evaluate a model alone: ilr evaluate --model M --benchmarks gsm8k,math500 [...]"),
     "card": (_card, "write (--push: push) an eval card: ilr card results.json [--base base.json] [--config ...]"),
     "compare": (_compare, "markdown leaderboard: ilr compare a.json b.json ..."),
