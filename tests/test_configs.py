@@ -203,3 +203,14 @@ def test_vllm_server_agents_need_distinct_ports(tmp_path, monkeypatch):
     agents[1]["vllm_server_port"] = 8002
     _, _, training_args = parse(tmp_path, base_recipe(agents=agents, generation_backend="vllm_server"))
     assert (training_args.use_vllm, training_args.vllm_mode) == (True, "server")
+
+
+def test_cli_help_reaches_the_command(capsys):
+    from ilr.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", "--help"])
+    assert exit_info.value.code == 0
+    assert "--num_generations" in capsys.readouterr().out  # the recipe keys, not the top-level usage
+    assert main(["--help"]) == 0
+    assert "usage: ilr" in capsys.readouterr().out

@@ -139,12 +139,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         `int`: the process exit code.
     """
-    parser = argparse.ArgumentParser(prog="ilr", description="ILR: Interactive Learning for LLM Reasoning.")
+    # `-h` is ours only without a command: `ilr evaluate --help` must reach the command's own parser.
+    parser = argparse.ArgumentParser(
+        prog="ilr", description="ILR: Interactive Learning for LLM Reasoning.", add_help=False
+    )
+    parser.add_argument("-h", "--help", action="store_true", help="show this help (or a command's) and exit")
     parser.add_argument("--version", action="version", version=f"ilr {__version__}")
     parser.add_argument(
-        "command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items())
+        "command", nargs="?", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items())
     )
     known, rest = parser.parse_known_args(argv)
+    if known.command is None:
+        parser.print_help()
+        return 0 if known.help else USER_ERROR_EXIT_CODE
+    if known.help:
+        rest = ["--help", *rest]
     handler, _ = COMMANDS[known.command]
     try:
         return handler(rest)
