@@ -411,7 +411,9 @@ def parse_eval_args(argv: Sequence[str]) -> EvalConfig:
     what.add_argument("--debate_rounds", type=int, default=2)
     data = parser.add_argument_group("data")
     data.add_argument("--benchmarks", required=True, help="comma list of benchmark names; math_avg = the five maths")
-    data.add_argument("--data_files", action="append", metavar="NAME=PATH", help="local files of a benchmark")
+    data.add_argument(
+        "--data_files", action="extend", nargs="+", metavar="NAME=PATH", help="local files of benchmarks (repeatable)"
+    )
     data.add_argument("--streaming", action="store_true")
     data.add_argument("--limit", type=int)
     sampling = parser.add_argument_group("sampling")
