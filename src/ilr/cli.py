@@ -110,6 +110,13 @@ def _download(args: list[str]) -> int:
     return 0
 
 
+def _train(args: list[str]) -> int:
+    """Trains the agents of a recipe (ILR, or the GRPO baseline); see `ilr.train`."""
+    from ilr.train import cli_main
+
+    return cli_main(args)
+
+
 def _interact(args: list[str]) -> int:
     """Runs one discussion of a recipe's agents and prints the transcript; see `ilr.discussion`."""
     from ilr.discussion import interact_command
@@ -125,6 +132,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "card": (_card, "write (--push: push) an eval card: ilr card results.json [--base base.json] [--config ...]"),
     "compare": (_compare, "markdown leaderboard: ilr compare a.json b.json ..."),
     "download": (_download, "download a released checkpoint: ilr download org/name [--revision R] [--local_dir D]"),
+    "train": (_train, "train a recipe's agents: ilr train --config recipes/.../config.yaml [--key value ...]"),
 }
 
 

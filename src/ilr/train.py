@@ -1,0 +1,217 @@
+"""Train agents with ILR, or the single-agent GRPO baseline, from one recipe.
+
+    accelerate launch --config_file recipes/accelerate_configs/cpu.yaml src/ilr/train.py \\
+        --config recipes/demo/ilr/config_smollm2_cpu.yaml
+    python -m ilr.train --config recipes/demo/ilr/config_smollm2_cpu.yaml [--key value ...]
+    ilr train --config recipes/demo/ilr/config_smollm2_cpu.yaml
+
+`method: ilr` trains every agent of the recipe together with [`~ilr.trainer.ILRTrainer`]; `method: grpo` trains its
+single agent with TRL's `GRPOTrainer` on the same data, prompt and rewards (the baseline). Final models are saved to
+`<output_dir>/<agent name>`. A run whose `output_dir` already holds a checkpoint continues from it (as open-r1 does)
+unless `resume_from_checkpoint` says otherwise.
+
+Data (validation is needed only by `interaction_mode: dynamic` with `difficulty_source: self_rank`):
+
+- `dataset_name: math_train`: the paper's MATH 11k/1k split without MATH-500 (`ilr.data.load_math_split`).
+- a registered benchmark: `dataset_train_split` and `dataset_validation_split` of its Hub dataset.
+- any other name: `question_column` / `answer_column` of that Hub dataset, or of the local `data_files`.
+- local `data_files` hold one split: the validation questions are `ability_samples` rows held out of training
+  (seeded by `seed`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+logger = logging.getLogger(__name__)
+
+
+def load_data(script_args: Any, training_args: Any) -> tuple[Any, Any | None]:
+    """
+    Load the training questions (and the validation questions when Dynamic Interaction needs them).
+
+    Args:
+        script_args ([`~ilr.configs.ILRScriptArguments`]):
+            Data settings of the recipe.
+        training_args ([`~ilr.configs.ILRConfig`]):
+            For `interaction_mode`, `difficulty_source`, `ability_samples` and `seed`.
+
+    Returns:
+        `tuple[datasets.Dataset, datasets.Dataset | None]`: training and validation rows in the canonical schema.
+    """
+    from ilr.data import BENCHMARKS, load_benchmark, load_custom_dataset, load_math_split
+    from ilr.difficulty import needs_irt
+
+    name, files = script_args.dataset_name, script_args.data_files
+    wants_validation = needs_irt(training_args.interaction_mode) and training_args.difficulty_source == "self_rank"
+    validation = None
+    if name == "math_train":
+        split = load_math_split(pool_files=files)
+        train, validation = split["train"], split["validation"]
+    elif name in BENCHMARKS:
+        train = load_benchmark(name, data_files=files, split=script_args.dataset_train_split)
+        if wants_validation and not files:
+            validation = load_benchmark(name, split=script_args.dataset_validation_split)
+    else:
+        kwargs = {
+            "question_column": script_args.question_column,
+            "answer_column": script_args.answer_column,
+            "answer_format": script_args.answer_format,
+            "name": name,
+        }
+        if files:
+            train = load_custom_dataset(files, **kwargs)
+        else:
+            train = load_custom_dataset(
+                name, config=script_args.dataset_config, split=script_args.dataset_train_split, **kwargs
+            )
+            if wants_validation:
+                validation = load_custom_dataset(
+                    name, config=script_args.dataset_config, split=script_args.dataset_validation_split, **kwargs
+                )
+    if wants_validation and validation is None:
+        # Local files are one split: hold the validation questions out of training.
+        held_out = min(training_args.ability_samples, len(train) // 2)
+        parts = train.train_test_split(test_size=held_out, seed=training_args.seed)
+        train, validation = parts["train"], parts["test"]
+        logger.info("Held out %d of the local questions as the validation set (ability gamma).", held_out)
+    if script_args.max_train_samples is not None:
+        train = train.select(range(min(script_args.max_train_samples, len(train))))
+    return train, validation
+
+
+def main(script_args: Any, agents_args: Any, training_args: Any) -> list[str]:
+    """
+    Train from parsed recipe objects (see [`~ilr.configs.parse_recipe`]).
+
+    Returns:
+        `list[str]`: The folders the final models were saved to.
+    """
+    import datasets
+    import transformers
+    from transformers import set_seed
+
+    from ilr.rewards import get_reward_funcs, shutdown_reward_pool
+    from ilr.trainer import ILRTrainer, latest_checkpoint
+
+    ###############
+    # Setup logging
+    ###############
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    for name in ("ilr", __name__):
+        logging.getLogger(name).setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.info("Agents: %s", [f"{agent.name} ({agent.model_name_or_path})" for agent in agents_args.agents])
+    logger.info("Training/evaluation parameters %s", training_args)
+    set_seed(training_args.seed)
+    if training_args.push_to_hub and training_args.method == "ilr":
+        logger.warning(
+            "`push_to_hub` is not implemented for `method: ilr` yet: the final models are saved to "
+            "<output_dir>/<agent name>; upload them with `hf upload <agent hub_model_id> <folder>`."
+        )
+
+    ###############
+    # Checkpoints
+    ###############
+    resume = training_args.resume_from_checkpoint
+    if str(resume).lower() in ("true", "false"):  # YAML booleans arrive as strings
+        resume = True if str(resume).lower() == "true" else None
+    elif resume is None and (detected := latest_checkpoint(training_args.output_dir)) is not None:
+        logger.info("Checkpoint detected, resuming training at %s.", detected)
+        resume = str(detected)
+
+    ###############
+    # Load data and rewards
+    ###############
+    train_dataset, validation_dataset = load_data(script_args, training_args)
+    reward_funcs = get_reward_funcs(script_args.reward_funcs, allow_code_execution=script_args.allow_code_execution)
+    logger.info("%d training questions; rewards %s", len(train_dataset), script_args.reward_funcs)
+
+    ###############
+    # Train
+    ###############
+    try:
+        if training_args.method == "grpo":
+            return [train_grpo_baseline(agents_args.agents[0], training_args, train_dataset, reward_funcs, resume)]
+        trainer = ILRTrainer(
+            agents_args.agents,
+            training_args,
+            train_dataset,
+            dict(zip(script_args.reward_funcs, reward_funcs)),
+            eval_dataset=validation_dataset,
+            dataset_name=script_args.dataset_name,
+            data_files=script_args.data_files,
+        )
+        metrics = trainer.train(resume_from_checkpoint=resume)
+        logger.info("Last step: reward %.4f", metrics.get("train/reward", float("nan")))
+
+        ###############
+        # Save the final models, one folder per agent
+        ###############
+        folders = [str(folder) for folder in trainer.save_models()]
+        logger.info("Models saved to %s", folders)
+        return folders
+    finally:
+        shutdown_reward_pool()
+
+
+def train_grpo_baseline(
+    agent: Any, training_args: Any, train_dataset: Any, reward_funcs: list, resume: str | bool | None
+) -> str:
+    """
+    The single-agent baseline: TRL's `GRPOTrainer` on the same rows, prompt (`add_prompt_column`) and rewards.
+
+    Returns:
+        `str`: The folder the final model was saved to, `<output_dir>/<agent name>`.
+    """
+    from trl import GRPOTrainer, get_peft_config
+
+    from ilr.data import add_prompt_column
+    from ilr.models import load_model, load_tokenizer
+
+    trainer = GRPOTrainer(
+        model=load_model(agent),
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=add_prompt_column(train_dataset),
+        processing_class=load_tokenizer(agent),
+        peft_config=get_peft_config(agent),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    folder = os.path.join(training_args.output_dir, agent.name)
+    trainer.save_model(folder)
+    logger.info("Model saved to %s", folder)
+    return folder
+
+
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    """
+    Parse a recipe (`--config`, CLI overrides) and train; the `ilr train` command.
+
+    Args:
+        argv (`Sequence[str]`, *optional*):
+            Arguments; defaults to `sys.argv[1:]`.
+
+    Returns:
+        `int`: 0 on success.
+    """
+    from ilr.configs import parse_recipe
+
+    main(*parse_recipe(argv))
+    return 0
+
+
+# The reward pool starts worker processes with forkserver, which imports this module again: keep the guard.
+if __name__ == "__main__":
+    sys.exit(cli_main())
