@@ -214,3 +214,9 @@ def test_cli_help_reaches_the_command(capsys):
     assert "--num_generations" in capsys.readouterr().out  # the recipe keys, not the top-level usage
     assert main(["--help"]) == 0
     assert "usage: ilr" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", sorted(REPO.glob("recipes/slurm/*.slurm")), ids=lambda p: p.name)
+def test_slurm_scripts_are_valid_bash(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
