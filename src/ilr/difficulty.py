@@ -32,7 +32,6 @@ data and settings, written atomically) and the pre-pass section (one `generate` 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -40,7 +39,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +48,7 @@ import numpy as np
 from scipy.optimize import brentq, minimize
 from scipy.special import expit, logit
 
+from ilr.files import write_text_atomic
 from ilr.generation import SamplingParams
 from ilr.prompts import load_template, render
 
@@ -803,20 +802,7 @@ def save_irt(path: str | os.PathLike, estimate: IRTEstimate, key_fields: dict[st
             "cache_key_fields": json.loads(_canonical_json(key_fields)),
             "cache_key": irt_cache_key(key_fields),
         }
-    text = json.dumps(payload, default=_json_default, allow_nan=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(payload, default=_json_default, allow_nan=False))
 
 
 def load_irt(path: str | os.PathLike, key_fields: dict[str, Any] | None = None) -> IRTEstimate | None:

@@ -75,6 +75,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ilr import __version__
+from ilr.files import write_text_atomic
 from ilr.stats import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
@@ -514,10 +515,8 @@ def _append_records(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file, then rename), so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON atomically, so a reader never sees half a file."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
