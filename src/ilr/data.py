@@ -22,6 +22,7 @@ import ast
 import builtins
 import contextlib
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterable
@@ -807,6 +808,22 @@ def load_custom_dataset(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # MATH 11k / 1k split
+
+
+def canonical_row_bytes(row: dict[str, Any]) -> bytes:
+    """
+    The content of a canonical row that defines a problem (id, text, gold, tests, setup, entry point, task), as one
+    line of sorted JSON: hashing these lines fingerprints a dataset (evaluation results, the IRT cache key).
+
+    Args:
+        row (`dict`):
+            A row in the canonical schema.
+
+    Returns:
+        `bytes`: UTF-8 JSON ending with a newline.
+    """
+    fields = {key: row[key] for key in ("id", "problem", "answer", "tests", "setup", "entry_point", "task")}
+    return json.dumps(fields, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
 def normalize_problem_text(text: str) -> str:

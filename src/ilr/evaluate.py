@@ -715,11 +715,6 @@ def _idea3_modes(config: EvalConfig, num_agents: int) -> Callable[[list[str]], n
 # ---------------------------------------------------------------------------------------------------------------------
 # One benchmark
 # ---------------------------------------------------------------------------------------------------------------------
-def _row_key(row: dict[str, Any]) -> bytes:
-    fields = {key: row[key] for key in ("id", "problem", "answer", "tests", "setup", "entry_point", "task")}
-    return json.dumps(fields, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
-
-
 def _gold(row: dict[str, Any]) -> str | list[str]:
     return row["answer"] if row["task"] == "math" else list(row["tests"])
 
@@ -747,7 +742,7 @@ def _evaluate_benchmark(
     runner: Callable,
     output_dir: Path,
 ) -> _BenchmarkRun:
-    from ilr.data import get_spec, load_benchmark
+    from ilr.data import canonical_row_bytes, get_spec, load_benchmark
 
     start = time.perf_counter()
     spec = get_spec(name)
@@ -778,7 +773,7 @@ def _evaluate_benchmark(
         if row["id"] in seen:
             raise EvaluationError(f"{name}: problem id {row['id']!r} appears twice; ids must be unique to resume.")
         seen.add(row["id"])
-        hasher.update(_row_key(row))
+        hasher.update(canonical_row_bytes(row))
         order.append(row)
         previous = [done.get((row["id"], agent)) for agent in agent_names]
         if all(record is not None for record in previous):

@@ -1144,13 +1144,11 @@ class ILRTrainer:
         return (self.eval_rows or [])[: self.args.ability_samples]
 
     def _irt_key_fields(self) -> dict[str, Any]:
+        from ilr.data import canonical_row_bytes
         from ilr.difficulty import irt_key_fields
 
         def fingerprint(rows: list[dict[str, Any]]) -> str:
-            digest = hashlib.sha256()
-            for row in rows:
-                digest.update(json.dumps([str(row["id"]), row["problem"], str(row.get("answer"))]).encode())
-            return digest.hexdigest()
+            return hashlib.sha256(b"".join(canonical_row_bytes(row) for row in rows)).hexdigest()
 
         validation = self._validation_rows() if self.args.difficulty_source == "self_rank" else []
         return irt_key_fields(
