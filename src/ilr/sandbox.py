@@ -16,7 +16,8 @@ How one run works:
 3. The harness reads the nonce and the code, closes the payload pipe, runs `setup` then the solution in a fresh
    namespace (with `__name__ == "__solution__"`, so `if __name__ == "__main__":` blocks do not run), then each test
    in its own `try`/`except`, and writes one nonce-tagged line per test to the result pipe. Only tagged results count: missing or garbled ones are failures, so `os._exit(0)`, crashing, or printing a
-   fake "PASS" scores 0.
+   fake "PASS" scores 0. The harness binds what it calls (`exec`, `compile`, ...) before the solution runs, so that
+   monkeypatching them changes nothing, and only the harness process itself reports, not the children it forks.
 
 Isolation modes, picked at the first run by probing what the machine allows (`sandbox_isolation`; force one with
 `ILR_SANDBOX_ISOLATION=namespace|process`):
@@ -669,6 +670,11 @@ _HARNESS = r"""
 def _ilr_harness():
     import builtins, json, os, sys, traceback
 
+    # The solution runs in this interpreter and may replace anything reachable by name: `builtins.exec` with a no-op
+    # would make every test "pass", `traceback.print_exception` with an exit would hide failures. So everything the
+    # harness calls after the solution has started is bound here, before it starts.
+    run, compile_code, numbered, catch_all = builtins.exec, builtins.compile, builtins.enumerate, BaseException
+    exc_info, print_exception, getpid = sys.exc_info, traceback.print_exception, os.getpid
     payload_fd, result_fd = int(sys.argv[1]), int(sys.argv[2])
     chunks = []
     while True:
@@ -680,8 +686,12 @@ def _ilr_harness():
     job = json.loads(b"".join(chunks))
     sys.argv = [""]
 
-    def make_report(write, fd, tag):
+    def make_report(write, fd, tag, owner):
         def report(message):
+            # Only this process reports: a child the solution forks runs the rest of the harness too, and would
+            # otherwise get to report tests it tried one guess at a time (quitting quietly whenever one failed).
+            if getpid() != owner:
+                return
             try:
                 write(fd, (tag + " " + message + "\n").encode())
             except OSError:
@@ -689,31 +699,31 @@ def _ilr_harness():
         return report
 
     # Kept in a closure, not in this frame's locals, so that it is not one `f_locals` away from the solution.
-    report = make_report(os.write, result_fd, job.pop("nonce"))
+    report = make_report(os.write, result_fd, job.pop("nonce"), getpid())
     del chunks, chunk
 
     def show_error(where):
         try:
-            kind, value, tb = sys.exc_info()
+            kind, value, tb = exc_info()
             sys.stderr.write("[" + where + "] ")
             # tb_next skips this harness's own frame.
-            traceback.print_exception(kind, value, tb.tb_next if tb is not None else None, limit=8)
-        except BaseException:
+            print_exception(kind, value, tb.tb_next if tb is not None else None, limit=8)
+        except catch_all:
             pass
 
     namespace = {"__name__": "__solution__", "__builtins__": builtins}
     try:
-        exec(compile(job["setup"], "<setup>", "exec"), namespace)
-        exec(compile(job["program"], "<solution>", "exec"), namespace)
-    except BaseException:
+        run(compile_code(job["setup"], "<setup>", "exec"), namespace)
+        run(compile_code(job["program"], "<solution>", "exec"), namespace)
+    except catch_all:
         show_error("solution")
         report("error")
         return
-    for index, test in enumerate(job["tests"]):
+    for index, test in numbered(job["tests"]):
         try:
-            exec(compile(test, "<test %d>" % index, "exec"), namespace)
+            run(compile_code(test, "<test %d>" % index, "exec"), namespace)
             outcome = "pass"
-        except BaseException:
+        except catch_all:
             show_error("test %d" % index)
             outcome = "fail"
         report("%d %s" % (index, outcome))
