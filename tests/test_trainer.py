@@ -284,7 +284,7 @@ from ilr.rewards import REWARD_FUNCS
 REWARD_FUNCS["digits"] = digits_reward
 from ilr.train import cli_main
 if __name__ == "__main__":
-    cli_main(sys.argv[1:])
+    sys.exit(cli_main(sys.argv[1:]))
 """
 
 

@@ -299,6 +299,10 @@ class ILRConfig(GRPOConfig):
     method (`str`, *optional*, defaults to `"ilr"`):
         `ilr` trains all agents together; `grpo` trains a single agent with TRL's `GRPOTrainer` on the same data,
         prompt and rewards (the baseline).
+    compute_matched (`bool`, *optional*, defaults to `False`):
+        For `method: grpo`: sample as many completions per question as an ILR agent generates (`num_generations`
+        for share and fuse plus `analysis_samples`), so the baseline gets the same generated-token budget per
+        question. Multiplies `num_generations` and `generation_batch_size` accordingly.
 
     > Parameters that control Dynamic Interaction (IRT)
 
@@ -348,9 +352,15 @@ class ILRConfig(GRPOConfig):
     generation_backend (`str`, *optional*, defaults to `"transformers"`):
         `transformers`, `vllm` (colocated `vllm.LLM` per agent) or `vllm_server` (one `trl vllm-serve` per agent).
         Sets TRL's `use_vllm` / `vllm_mode` for the `grpo` baseline.
+    generation_retries (`int`, *optional*, defaults to `2`):
+        Times a failed generation call (a vLLM server that dropped a connection, a transient device error) is
+        retried, with exponential backoff, before the run stops with a message naming the agent.
     """
 
     method: str = field(default="ilr", metadata={"help": "ilr (co-training) or grpo (single-agent baseline)."})
+    compute_matched: bool = field(
+        default=False, metadata={"help": "grpo baseline: as many completions per question as an ILR agent."}
+    )
     interaction_mode: str = field(default="dynamic", metadata={"help": "dynamic, cooperate, compete or ratio:p."})
     difficulty_source: str = field(default="self_rank", metadata={"help": "self_rank or pass_rate."})
     difficulty_samples: int = field(default=4, metadata={"help": "Samples per question and agent for pass_rate."})
@@ -369,6 +379,7 @@ class ILRConfig(GRPOConfig):
     calibration_scope: str = field(default="group", metadata={"help": "Peer statistics scope: group or batch."})
     calibration_eps: float = field(default=1e-6, metadata={"help": "Denominator for a zero peer reward range."})
     generation_backend: str = field(default="transformers", metadata={"help": "transformers, vllm or vllm_server."})
+    generation_retries: int = field(default=2, metadata={"help": "Retries of a failed generation call."})
 
     def __post_init__(self):
         _one_of("method", self.method, METHODS)
@@ -381,6 +392,7 @@ class ILRConfig(GRPOConfig):
             _positive(key, getattr(self, key))
         _positive("max_analysis_length", self.max_analysis_length)
         _positive("ability_refresh_steps", self.ability_refresh_steps, allow_zero=True)
+        _positive("generation_retries", self.generation_retries, allow_zero=True)
         _positive("irt_scale", self.irt_scale)
         _positive("calibration_eps", self.calibration_eps)
         _positive("max_completion_length", self.max_completion_length)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import logging
 import os
 import random
 import time
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
     from ilr.configs import AgentConfig
 
+
+logger = logging.getLogger(__name__)
 
 VLLM_INSTALL_HINT = "pip install -e '.[vllm]'"
 
@@ -138,20 +141,30 @@ class BackendStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class GenerationError(RuntimeError):
+    """A generation call still failed after its retries; the message names the agent and what to check."""
+
+
 class GenerationBackend(abc.ABC):
     """
     Interface of every generation engine. Subclasses implement `_generate` and `update_weights`.
 
-    `generate` is a template method: it applies the chat template, calls the subclass's `_generate` on token ids,
-    then counts tokens and time in `stats`. `sleep` and `wake_up` are optional hooks for engines that can free their
-    accelerator memory while the trainer steps (colocated vLLM); they do nothing elsewhere.
+    `generate` is a template method: it applies the chat template, calls the subclass's `_generate` on token ids
+    (retrying transient failures), then counts tokens and time in `stats`. `sleep` and `wake_up` are optional hooks
+    for engines that can free their accelerator memory while the trainer steps (colocated vLLM); they do nothing
+    elsewhere.
 
     Attributes:
         name (`str`): the agent's name (for logs).
         tokenizer: the agent's tokenizer (used by callers to count and truncate text in the agent's own tokens).
         stats (`BackendStats`): counters, incremented by every `generate` call.
         eos_token_ids (`list[int]`): the ids generation stops at.
+        max_retries (`int`): retries of a failed `_generate` call before `GenerationError` (0: fail at once).
+        retry_backoff (`float`): seconds before the first retry, doubled for each further one.
     """
+
+    # Programming and input errors fail at once: retrying cannot fix them. Out-of-memory is not transient either.
+    NOT_RETRIED: ClassVar[tuple[type[BaseException], ...]] = (ValueError, TypeError, KeyError, NotImplementedError)
 
     name: str
     tokenizer: Any
@@ -163,6 +176,8 @@ class GenerationBackend(abc.ABC):
         self.tokenizer = tokenizer
         self.stats = BackendStats()
         self.eos_token_ids = list(eos_token_ids)
+        self.max_retries = 0
+        self.retry_backoff = 1.0
         if not self.eos_token_ids:
             raise ValueError(
                 f"Agent `{name}` has no EOS token: set `eos_token` in its tokenizer or `eos_token_id` in its "
@@ -187,7 +202,7 @@ class GenerationBackend(abc.ABC):
         start = time.perf_counter()
         if prompts:
             prompt_ids = self.encode_prompts(prompts)
-            output = self._generate(prompt_ids, params)
+            output = self._generate_with_retries(prompt_ids, params)
         else:
             output = GenerationOutput(prompt_ids=[], completions=[])
         output.num_prompt_tokens = sum(len(ids) for ids in output.prompt_ids)
@@ -202,6 +217,41 @@ class GenerationBackend(abc.ABC):
     def _generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> GenerationOutput:
         """Generate from chat-templated token ids; `generate` fills in the token counts and the stats."""
         raise NotImplementedError
+
+    def _generate_with_retries(self, prompt_ids: list[list[int]], params: SamplingParams) -> GenerationOutput:
+        import torch
+
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self._generate(prompt_ids, params)
+            except self.NOT_RETRIED:
+                raise
+            except torch.OutOfMemoryError as error:
+                raise GenerationError(
+                    f"Agent `{self.name}`: out of memory while generating {len(prompt_ids)} x {params.n} completions "
+                    f"of up to {params.max_new_tokens} tokens. Lower `generation_batch_size` or "
+                    "`max_completion_length`, or give the engine more memory (`vllm_gpu_memory_utilization`)."
+                ) from error
+            except Exception as error:  # a dropped server connection, a transient device or engine error
+                if attempt == self.max_retries:
+                    raise GenerationError(
+                        f"Agent `{self.name}`: generation failed {attempt + 1} time(s), last with "
+                        f"{type(error).__name__}: {_first_line(error)}. Check the agent's engine (for "
+                        "`generation_backend: vllm_server`, that its `trl vllm-serve` answers on its "
+                        "`vllm_server_port`); `generation_retries` sets how often a failure is retried."
+                    ) from error
+                delay = self.retry_backoff * 2**attempt
+                logger.warning(
+                    "Agent `%s`: generation failed (%s: %s); retry %d of %d in %.1f s.",
+                    self.name,
+                    type(error).__name__,
+                    _first_line(error),
+                    attempt + 1,
+                    self.max_retries,
+                    delay,
+                )
+                time.sleep(delay)
+        raise AssertionError("unreachable")
 
     def encode_prompts(self, prompts: list[Messages]) -> list[list[int]]:
         """
@@ -552,6 +602,11 @@ def _agent_eos_token_ids(agent: AgentConfig, tokenizer: Any, model: Any) -> list
 
 def _vllm_top_k(top_k: int) -> int:
     return top_k if top_k > 0 else -1  # vLLM's "off" is -1 (0 is rejected by older versions)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no message"
 
 
 def _empty_cache() -> None:

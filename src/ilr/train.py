@@ -22,6 +22,7 @@ Data (validation is needed only by `interaction_mode: dynamic` with `difficulty_
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -180,6 +181,8 @@ def train_grpo_baseline(
     from ilr.data import add_prompt_column
     from ilr.models import load_model, load_tokenizer
 
+    if training_args.compute_matched:
+        training_args = compute_matched_args(training_args)
     trainer = GRPOTrainer(
         model=load_model(agent),
         reward_funcs=reward_funcs,
@@ -195,6 +198,48 @@ def train_grpo_baseline(
     return folder
 
 
+def compute_matched_args(training_args: Any) -> Any:
+    """
+    The baseline's settings with as large a completion budget per question as one ILR agent gets.
+
+    An ILR agent generates, per question, `num_generations` share and fuse completions of up to
+    `max_completion_length` tokens plus `analysis_samples` analyses of up to `max_analysis_length`: the baseline samples
+    that many tokens' worth of completions instead (rounded up so that the generation batch still splits into
+    micro-batches of `per_device_train_batch_size` on every process). The number of questions per step is unchanged.
+
+    Args:
+        training_args ([`~ilr.configs.ILRConfig`]):
+            The recipe's settings (`method: grpo`).
+
+    Returns:
+        [`~ilr.configs.ILRConfig`]: A copy with `num_generations` and `generation_batch_size` raised.
+    """
+    import dataclasses
+
+    group, length = training_args.num_generations, training_args.max_completion_length
+    analysis_length = training_args.max_analysis_length or length
+    budget = 2 * group * length + training_args.analysis_samples * analysis_length  # tokens per question and agent
+    questions = training_args.generation_batch_size // group
+    micro_batch = training_args.per_device_train_batch_size * training_args.world_size
+    matched = math.ceil(budget / length)
+    while questions * matched % micro_batch:
+        matched += 1
+    logger.info(
+        "compute_matched: %d completions per question instead of %d (%d tokens at most, ILR: %d).",
+        matched,
+        group,
+        matched * length,
+        budget,
+    )
+    return dataclasses.replace(
+        training_args,
+        num_generations=matched,
+        generation_batch_size=questions * matched,
+        steps_per_generation=None,
+        compute_matched=False,
+    )
+
+
 def cli_main(argv: Sequence[str] | None = None) -> int:
     """
     Parse a recipe (`--config`, CLI overrides) and train; the `ilr train` command.
@@ -204,11 +249,17 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
             Arguments; defaults to `sys.argv[1:]`.
 
     Returns:
-        `int`: 0 on success.
+        `int`: 0 on success; 128 + the signal number when SIGTERM/SIGINT stopped the run after a final checkpoint
+        (the shell's code for a signal, so that schedulers see the job as interrupted, not finished).
     """
     from ilr.configs import parse_recipe
+    from ilr.trainer import TrainingInterrupted
 
-    main(*parse_recipe(argv))
+    try:
+        main(*parse_recipe(argv))
+    except TrainingInterrupted as stop:
+        logger.warning("Training %s", stop)
+        return 128 + stop.signum
     return 0
 
 

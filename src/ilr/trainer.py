@@ -49,6 +49,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -76,6 +78,8 @@ __all__ = [
     "MicroBatch",
     "QuestionSampler",
     "StepRewards",
+    "StopSignals",
+    "TrainingInterrupted",
     "TrainingSample",
     "collate_samples",
     "latest_checkpoint",
@@ -93,6 +97,61 @@ OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 METRICS_NAME = "metrics.jsonl"
 STATE_FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stopping on SIGTERM / SIGINT
+# ---------------------------------------------------------------------------------------------------------------------
+class TrainingInterrupted(Exception):
+    """
+    Training stopped on SIGTERM or SIGINT after finishing the current step and saving a checkpoint of it.
+
+    Attributes:
+        signum (`int`): the signal received.
+        step (`int`): the last step completed and saved.
+        checkpoint (`Path`): the checkpoint written for it.
+    """
+
+    def __init__(self, signum: int, step: int, output_dir: Path):
+        self.signum, self.step = int(signum), step
+        self.checkpoint = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+        super().__init__(
+            f"stopped by {signal.Signals(self.signum).name} after step {step}; the checkpoint {self.checkpoint} is "
+            "complete. Run again with `resume_from_checkpoint: true` to continue."
+        )
+
+
+class StopSignals:
+    """
+    Context manager that turns the first SIGTERM/SIGINT into a request to stop after the current step (cluster
+    schedulers send SIGTERM before a pre-emption; Ctrl-C sends SIGINT). A second signal acts as usual (SIGINT raises
+    `KeyboardInterrupt`): checkpoints are written atomically, so even that loses no more than the current step.
+    Outside the main thread signals cannot be caught and the context does nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        logger.warning(
+            "%s received: stopping after this step, with a checkpoint. Send it again to stop at once.",
+            signal.Signals(signum).name,
+        )
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)  # the second signal gets the usual behaviour
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -365,6 +424,18 @@ def _complete_checkpoints(output_dir: Path) -> list[Path]:
         if match and (path / TRAINER_STATE_NAME).is_file():
             steps.append((int(match.group(1)), path))
     return [path for _, path in sorted(steps)]
+
+
+def _discard(checkpoint: Path) -> None:
+    """
+    Delete a checkpoint folder without ever leaving a half-deleted `checkpoint-<step>` (one that still has its trainer
+    state but lost model files): it is first renamed, atomically, to a `tmp-checkpoint-*` name, which resuming ignores
+    and cleans up if the process dies during the deletion.
+    """
+    doomed = checkpoint.with_name(f"{TMP_CHECKPOINT_PREFIX}{checkpoint.name}-deleting")
+    shutil.rmtree(doomed, ignore_errors=True)  # left by an earlier deletion that failed
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _nanmean(values: np.ndarray | torch.Tensor) -> float:
@@ -684,9 +755,9 @@ class ILRTrainer:
             else:
                 kwargs = {}
             unwrapped = self.accelerator.unwrap_model(model)
-            backends.append(
-                build_backend(agent, args.generation_backend, model=unwrapped, tokenizer=tokenizer, **kwargs)
-            )
+            backend = build_backend(agent, args.generation_backend, model=unwrapped, tokenizer=tokenizer, **kwargs)
+            backend.max_retries = args.generation_retries
+            backends.append(backend)
         return backends
 
     # -----------------------------------------------------------------------------------------------------------------
@@ -703,6 +774,9 @@ class ILRTrainer:
 
         Returns:
             `dict[str, float]`: The metrics of the last step.
+
+        Raises:
+            [`TrainingInterrupted`]: on SIGTERM/SIGINT, once the current step is done and saved.
         """
         from tqdm.auto import tqdm
 
@@ -721,22 +795,35 @@ class ILRTrainer:
             disable=not self.accelerator.is_local_main_process,
         )
         metrics: dict[str, float] = {}
-        for step in range(self.global_step + 1, self.num_training_steps + 1):
-            metrics = self.training_step(step)
-            self.global_step = step
-            if step % self._every(self.args.logging_steps) == 0 or step == self.num_training_steps:
-                self.log(metrics, step)
-            progress.update(1)
-            progress.set_postfix(
-                reward=f"{metrics['train/reward']:.3f}",
-                coop=f"{metrics['interaction/coop_frac']:.2f}",
-                tok_s=f"{metrics['tokens/per_second']:.0f}",
-            )
-            if self._save_enabled() and step % self._every(self.args.save_steps) == 0:
-                self.save_checkpoint(step)
+        with StopSignals() as stop:
+            for step in range(self.global_step + 1, self.num_training_steps + 1):
+                metrics = self.training_step(step)
+                self.global_step = step
+                if step % self._every(self.args.logging_steps) == 0 or step == self.num_training_steps:
+                    self.log(metrics, step)
+                progress.update(1)
+                progress.set_postfix(
+                    reward=f"{metrics['train/reward']:.3f}",
+                    coop=f"{metrics['interaction/coop_frac']:.2f}",
+                    tok_s=f"{metrics['tokens/per_second']:.0f}",
+                )
+                stopping = self._any_process(stop.signum is not None) and step < self.num_training_steps
+                if stopping or (self._save_enabled() and step % self._every(self.args.save_steps) == 0):
+                    self.save_checkpoint(step)
+                if stopping:
+                    progress.close()
+                    self.accelerator.end_training()
+                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, Path(self.args.output_dir))
         progress.close()
         self.accelerator.end_training()
         return metrics
+
+    def _any_process(self, flag: bool) -> bool:
+        """True on every process when `flag` is true on any (a signal may reach only some of them)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
     def training_step(self, step: int) -> dict[str, float]:
         """
@@ -1389,7 +1476,7 @@ class ILRTrainer:
         if main:
             self._write_state(tmp)
             if final.exists():  # the same step saved again after a resume
-                shutil.rmtree(final)
+                _discard(final)
             os.replace(tmp, final)
             self._rotate_checkpoints(output_dir)
         self.accelerator.wait_for_everyone()
@@ -1433,7 +1520,7 @@ class ILRTrainer:
             return
         checkpoints = _complete_checkpoints(output_dir)
         for stale in checkpoints[: max(0, len(checkpoints) - limit)]:
-            shutil.rmtree(stale, ignore_errors=True)
+            _discard(stale)
 
     def _resolve_checkpoint(self, resume_from_checkpoint: str | bool | None) -> Path | None:
         output_dir = Path(self.args.output_dir)
