@@ -162,6 +162,7 @@ def main(script_args: Any, agents_args: Any, training_args: Any) -> list[str]:
         ###############
         folders = [str(folder) for folder in trainer.save_models()]
         logger.info("Models saved to %s", folders)
+        trainer.accelerator.end_training()
         return folders
     finally:
         shutdown_reward_pool()

@@ -33,8 +33,8 @@ Determinism: everything random in step s is seeded from `(seed, s)` (question or
 the drift of a global RNG, so a run resumed from a checkpoint continues exactly as the uninterrupted one.
 
 Multi-process (DDP/FSDP through one `Accelerator`): every process draws the same questions and keeps its share;
-rewards, calibration (group scope) and advantages are per question, hence local; gradients are averaged by DDP and
-metrics averaged across processes. DeepSpeed (one engine per agent) and FSDP (generation from sharded weights) are not
+rewards, calibration (group scope) and advantages are per question, hence local; batch-scope calibration gathers the
+step's rewards from every process first; gradients are averaged by DDP and metrics averaged across processes. DeepSpeed (one engine per agent) and FSDP (generation from sharded weights) are not
 supported yet: both stop at start-up with a message.
 """
 
@@ -812,11 +812,16 @@ class ILRTrainer:
                     self.save_checkpoint(step)
                 if stopping:
                     progress.close()
-                    self.accelerator.end_training()
+                    self._finish_trackers()
                     raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, Path(self.args.output_dir))
         progress.close()
-        self.accelerator.end_training()
+        self._finish_trackers()
         return metrics
+
+    def _finish_trackers(self) -> None:
+        # Not `accelerator.end_training()`: it also destroys the process group, which saving the models still needs.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
     def _any_process(self, flag: bool) -> bool:
         """True on every process when `flag` is true on any (a signal may reach only some of them)."""
@@ -1004,9 +1009,21 @@ class ILRTrainer:
             if not self.args.calibration:
                 calibrated[stage], clip_frac[stage] = raw, 0.0
                 continue
+            local_questions = raw.size(1)
+            batch_wide = self.args.calibration_scope == "batch" and self.accelerator.num_processes > 1
+            if batch_wide:  # the peer statistics are over the step's whole batch, not this process's share of it
+                raw = self._gather_questions(raw)
             result = calibrate_rewards(raw, scope=self.args.calibration_scope, eps=self.args.calibration_eps)
             calibrated[stage], clip_frac[stage] = result.rewards, float(result.clip_frac)
+            if batch_wide:
+                start = self.accelerator.process_index * local_questions
+                calibrated[stage] = calibrated[stage][:, start : start + local_questions]
         return CalibratedRewards(rewards=calibrated, clip_frac=clip_frac)
+
+    def _gather_questions(self, rewards: torch.Tensor) -> torch.Tensor:
+        """`[m, Q_local, n]` of every process -> `[m, Q_local * num_processes, n]`, process after process."""
+        by_question = rewards.permute(1, 0, 2).contiguous().to(self.accelerator.device)
+        return self.accelerator.gather(by_question).permute(1, 0, 2).cpu()
 
     # --- 5. advantages -----------------------------------------------------------------------------------------------
     def compute_advantages(
