@@ -1,6 +1,6 @@
 # ILR recipe repository. `make test` sets everything up on a fresh machine, then runs the offline suite.
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow quality style clean evaluate train
+.PHONY: help install test test-slow quality style clean evaluate train bench
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -67,13 +67,17 @@ train: $(TRAIN_STAMP) $(if $(USES_DEMO_MODEL),$(DEMO_MODEL)/model.safetensors)  
 	$(if $(USES_DEMO_MODEL),$(OFFLINE)) $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
 		src/ilr/train.py --config $(RECIPE) $(ARGS)
 
+# BENCH_ARGS: e.g. --repeats 5, --quick, --profile; see benchmarks/README.md. One torch thread: both sides alike.
+bench: $(STAMP)  ## ILR vs plain TRL GRPO, time per generated token, side by side (CPU, ~3 min)
+	OMP_NUM_THREADS=1 $(OFFLINE) $(PY) benchmarks/bench_ilr.py --output_dir outputs/bench $(BENCH_ARGS)
+
 quality: $(STAMP)  ## lint and format check
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests benchmarks recipes
+	$(VENV)/bin/ruff format --check src tests benchmarks recipes
 
 style: $(STAMP)  ## format and auto-fix
-	$(VENV)/bin/ruff check --fix src tests
-	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests benchmarks recipes
+	$(VENV)/bin/ruff format src tests benchmarks recipes
 
 clean:  ## remove the environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache build src/*.egg-info
