@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Modules that define a user-error class, and its name. Looked up only once an error is raised: such an error can only
 # come from a module already imported, and importing `ilr.configs` (trl) up front would cost seconds for every command.
-_USER_ERRORS = (("ilr.configs", "RecipeError"), ("ilr.evaluate", "EvaluationError"))
+_USER_ERRORS = (("ilr.configs", "RecipeError"), ("ilr.data", "DataError"), ("ilr.evaluate", "EvaluationError"))
 
 
 def _user_error_types() -> tuple[type[Exception], ...]:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import glob
 import importlib.util
 import json
+import os
 import re
 import sys
 import typing
@@ -22,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
 
 
@@ -44,8 +47,8 @@ def _one_of(key: str, value: Any, allowed: Iterable[str]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
         hint = difflib.get_close_matches(str(value), allowed, n=1)
-        did_you_mean = f" Did you mean `{hint[0]}`?" if hint else ""
-        raise RecipeError(f"`{key}` must be one of {list(allowed)} (got {value!r}).{did_you_mean}")
+        fix = f"Did you mean `{hint[0]}`?" if hint else f"Set `{key}` to one of these in the recipe."
+        raise RecipeError(f"`{key}` must be one of {list(allowed)} (got {value!r}). {fix}")
 
 
 def _positive(key: str, value: int | float | None, *, allow_zero: bool = False) -> None:
@@ -53,7 +56,7 @@ def _positive(key: str, value: int | float | None, *, allow_zero: bool = False) 
         return
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise RecipeError(f"`{key}` must be {bound} (got {value}).")
+        raise RecipeError(f"`{key}` must be {bound} (got {value}): set it to a value {bound} in the recipe.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -132,15 +135,27 @@ class ILRScriptArguments(ScriptArguments):
 
         if self.dataset_name is None and not self.data_files:
             raise RecipeError("Set `dataset_name` (a benchmark name or Hub id) or `data_files` (local files).")
+        for path in self.data_files or []:
+            # The same rule as `ilr.data`: a glob pattern must match something, any other path must exist. Relative
+            # paths are read from the folder the command runs in.
+            found = glob.glob(path) if glob.has_magic(path) else os.path.exists(path)
+            if not found:
+                raise RecipeError(
+                    f"`data_files` entry {path!r} does not exist (relative paths are read from {os.getcwd()}). Fix "
+                    "the path, or remove `data_files` to load `dataset_name` from the Hub."
+                )
         if self.dataset_name in BENCHMARKS:
             return
         # Not a registered benchmark: we need to know its columns.
         missing = [key for key in ("question_column", "answer_column") if getattr(self, key) is None]
         if missing:
             known = ", ".join(sorted(BENCHMARKS))
+            hint = difflib.get_close_matches(str(self.dataset_name), BENCHMARKS, n=1)
+            did_you_mean = f" Did you mean `{hint[0]}`?" if hint else ""
             raise RecipeError(
-                f"`dataset_name: {self.dataset_name}` is not a registered benchmark ({known}). For another dataset "
-                f"set {' and '.join(f'`{key}`' for key in missing)} (and `answer_format`) in the recipe."
+                f"`dataset_name: {self.dataset_name}` is not a registered benchmark ({known}).{did_you_mean} For "
+                f"another dataset set {' and '.join(f'`{key}`' for key in missing)} (and `answer_format`) in the "
+                "recipe."
             )
 
 
@@ -186,7 +201,7 @@ class AgentConfig(ModelConfig):
     def __post_init__(self):
         super().__post_init__()
         if not self.model_name_or_path:
-            raise RecipeError("Each agent needs `model_name_or_path` (a Hub id or a local folder).")
+            raise RecipeError("Each agent needs `model_name_or_path`: set it to a Hub id or a local folder.")
         if self.name is None:
             self.name = self.model_name_or_path.rstrip("/").split("/")[-1]
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
@@ -248,7 +263,10 @@ class AgentsArguments:
                 "No agents: add an `agents:` list to the recipe, each with at least `model_name_or_path`."
             )
         if not isinstance(self.agents, list):
-            raise RecipeError(f"`agents` must be a list (got {type(self.agents).__name__}).")
+            raise RecipeError(
+                f"`agents` must be a list (got {type(self.agents).__name__}): write each agent as a `- "
+                "model_name_or_path: ...` item."
+            )
         self.agents = [_parse_agent(i, raw) for i, raw in enumerate(self.agents)]
         for attribute in ("name", "hub_model_id"):
             values = [getattr(agent, attribute) for agent in self.agents if getattr(agent, attribute) is not None]
@@ -278,7 +296,7 @@ def cooperate_probability(interaction_mode: str) -> float | None:
     if match is None or not 0.0 <= float(match.group(1)) <= 1.0:
         raise RecipeError(
             "`interaction_mode` must be dynamic, cooperate, compete or ratio:p with 0 <= p <= 1 "
-            f"(got {interaction_mode!r})."
+            f"(got {interaction_mode!r}). Use e.g. `interaction_mode: dynamic` or `interaction_mode: ratio:0.5`."
         )
     return float(match.group(1))
 
@@ -395,8 +413,7 @@ class ILRConfig(GRPOConfig):
         _positive("generation_retries", self.generation_retries, allow_zero=True)
         _positive("irt_scale", self.irt_scale)
         _positive("calibration_eps", self.calibration_eps)
-        _positive("max_completion_length", self.max_completion_length)
-        _positive("num_generations", self.num_generations)
+        self._check_grpo_settings()
         if not self.train_stages:
             raise RecipeError("`train_stages` is empty: train at least one of share, analyse, fuse.")
         for stage in self.train_stages:
@@ -425,7 +442,54 @@ class ILRConfig(GRPOConfig):
                 )
             self.use_vllm = True
             self.vllm_mode = "colocate" if self.generation_backend == "vllm" else "server"
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ValueError as error:
+            self._explain_generation_batch(error)
+            raise
+
+    def _check_grpo_settings(self) -> None:
+        """TRL's GRPO settings that TRL accepts but that would fail (or silently do nothing) once training starts."""
+        for key in (
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "max_completion_length",
+            "num_generations",
+            "num_iterations",
+            "temperature",
+            "epsilon",
+            "epsilon_high",
+        ):
+            _positive(key, getattr(self, key))
+        for key in ("learning_rate", "beta", "num_train_epochs"):
+            _positive(key, getattr(self, key), allow_zero=True)
+        if self.num_generations < 2:
+            raise RecipeError(
+                f"GRPO needs at least 2 generations per question to compare them (got `num_generations: "
+                f"{self.num_generations}`): set `num_generations` to 2 or more."
+            )
+        if not 0 < self.top_p <= 1:
+            raise RecipeError(f"`top_p` must be in (0, 1] (got {self.top_p}): set it to e.g. 1.0 in the recipe.")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise RecipeError(
+                f"Training has no length: `max_steps` is {self.max_steps} and `num_train_epochs` is "
+                f"{self.num_train_epochs}. Set `max_steps` > 0, or `num_train_epochs` > 0."
+            )
+
+    def _explain_generation_batch(self, error: ValueError) -> None:
+        """Turns TRL's batch-size error into a [`RecipeError`] that names the keys to change, if that was the cause."""
+        # TRL fills `generation_batch_size` (per_device_train_batch_size x processes x steps_per_generation) before
+        # checking it, so it is set here even when the recipe does not set it.
+        batch = self.generation_batch_size
+        if not isinstance(batch, int) or batch % self.num_generations == 0:
+            return
+        divisors = [n for n in range(2, batch + 1) if batch % n == 0]
+        raise RecipeError(
+            f"The generation batch ({batch} completions: `per_device_train_batch_size` x processes x "
+            f"`steps_per_generation`, or `generation_batch_size` when set) must be divisible by num_generations "
+            f"({self.num_generations}), so that every question gets its full group. Set `num_generations` to one of "
+            f"{divisors}, or change `per_device_train_batch_size` / `gradient_accumulation_steps`."
+        ) from error
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -490,7 +554,9 @@ def _check_recipe_value(action: argparse.Action, value: Any, scalar_type: type |
         # Fields such as `report_to` or `model_init_kwargs` take structured YAML values as TrlParser does; a number
         # or a switch never does.
         if scalar_type in (int, float, bool):
-            raise RecipeError(f"Recipe key `{key}` takes a single value, not {type(value).__name__} {value!r}.")
+            raise RecipeError(
+                f"Recipe key `{key}` takes a single value, not {type(value).__name__} {value!r}; set one value."
+            )
         return value
     return _convert(key, action, value, scalar_type)
 
@@ -506,10 +572,13 @@ def _convert(key: str, action: argparse.Action, value: Any, scalar_type: type | 
             raise ValueError(value)
         converted = action.type(value if isinstance(value, str) else str(value))
     except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
-        reason = f"expects {expected}" if expected else f"is invalid ({error})"
-        raise RecipeError(f"Recipe key `{key}` {reason} (got {value!r}).") from None
+        reason, fix = (
+            (f"expects {expected}", f"set it to {expected}") if expected else (f"is invalid ({error})", "fix it")
+        )
+        raise RecipeError(f"Recipe key `{key}` {reason} (got {value!r}); {fix} in the recipe.") from None
     if action.choices is not None and str(converted) not in map(str, action.choices):
-        raise RecipeError(f"Recipe key `{key}` must be one of {list(map(str, action.choices))} (got {value!r}).")
+        choices = list(map(str, action.choices))
+        raise RecipeError(f"Recipe key `{key}` must be one of {choices} (got {value!r}); set one of these.")
     return converted
 
 
@@ -534,8 +603,11 @@ def parse_recipe(args: Iterable[str] | None = None) -> tuple[ILRScriptArguments,
         script_args, agents_args, training_args = parser.parse_args_and_config(args)
     except RecipeError:
         raise
+    except yaml.YAMLError as error:
+        problem = " ".join(str(error).split())
+        raise RecipeError(f"The `--config` file is not valid YAML ({problem}). Fix the syntax there.") from None
     except (TypeError, ValueError) as error:  # raised by TRL's / transformers' own __post_init__ checks
-        raise RecipeError(str(error)) from error
+        raise RecipeError(f"{error} Fix it in the recipe or on the command line.") from error
     if training_args.method == "ilr" and len(agents_args.agents) < 2:
         raise RecipeError(
             f"`method: ilr` trains two or more agents together (got {len(agents_args.agents)}). Add an agent, or use "

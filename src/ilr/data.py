@@ -13,9 +13,12 @@ Every loader returns rows in one canonical schema (see `CANONICAL_FEATURES`):
 - `task` (`str`): `"math"` or `"code"`.
 - `source` (`str`): the benchmark name.
 
-Rows without a usable gold (no extractable answer, or no tests) are dropped and counted in the log, never kept with an
-empty gold. Each benchmark's Hub id, config, split and raw columns live only in `BENCHMARKS`; local files passed as
-`data_files` must use that same raw schema.
+Rows that cannot be trained or scored on are dropped and counted in the log, never kept with an empty or unreadable
+gold: no extractable answer or no tests, an empty question, a question longer than `max_question_chars`, or a maths
+gold that math-verify cannot parse (every completion of it would score `None`). Lines of a local `.jsonl` file that
+are blank, not UTF-8 or not a JSON object are skipped and counted the same way. When nothing usable is left,
+[`DataError`] names the data and the fix. Each benchmark's Hub id, config, split and raw columns live only in
+`BENCHMARKS`; local files passed as `data_files` must use that same raw schema.
 """
 
 import ast
@@ -25,7 +28,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,14 +39,16 @@ import datasets
 from datasets import Dataset, DatasetDict, Features, IterableDataset, List, Value
 
 from ilr.prompts import render
-from ilr.rewards import extract_boxed
+from ilr.rewards import check_golds, extract_boxed
 
 
 __all__ = [
     "BENCHMARKS",
     "CANONICAL_COLUMNS",
     "CANONICAL_FEATURES",
+    "DEFAULT_MAX_QUESTION_CHARS",
     "BenchmarkSpec",
+    "DataError",
     "add_prompt_column",
     "build_prompt",
     "extract_gold",
@@ -79,6 +85,14 @@ CANONICAL_COLUMNS: tuple[str, ...] = tuple(CANONICAL_FEATURES)
 
 _ANSWER_FORMATS = ("plain", "boxed", "gsm8k", "list")
 _TEMPLATES = {"math": "math_single", "code": "code_single"}
+
+# Longest question kept, in characters. The longest problem of the registered benchmarks is a few thousand characters;
+# a question far beyond that is a broken row (a whole document pasted in), and would crowd out the completion.
+DEFAULT_MAX_QUESTION_CHARS = 20_000
+
+
+class DataError(ValueError):
+    """The data has no usable row (or lacks a column). The message names the data and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -551,19 +565,67 @@ def _has_gold(row: dict[str, Any]) -> bool:
     return bool(row["answer"]) if row["task"] == "math" else bool(row["tests"])
 
 
+_NO_GOLD = "without a usable gold"
+_EMPTY_QUESTION = "with an empty question"
+_UNPARSABLE_GOLD = "whose gold math-verify cannot parse"
+
+
+def _drop_reason(row: dict[str, Any], max_question_chars: int | None) -> str | None:
+    """Why a canonical row cannot be used, or `None`. A maths gold's parse is checked apart, in batches."""
+    if not _has_gold(row):
+        return _NO_GOLD
+    problem = row["problem"]
+    if not problem or not problem.strip():
+        return _EMPTY_QUESTION
+    if max_question_chars is not None and len(problem) > max_question_chars:
+        return f"with a question over `max_question_chars` ({max_question_chars} characters; raise it to keep them)"
+    return None
+
+
+def _describe_drops(reasons: Iterable[str | None], example_bad_gold: str | None = None) -> str:
+    counts = Counter(reason for reason in reasons if reason)
+    parts = []
+    for reason, count in counts.items():
+        example = f", e.g. {example_bad_gold[:80]!r}" if reason == _UNPARSABLE_GOLD and example_bad_gold else ""
+        parts.append(f"{count} {reason}{example}")
+    return ", ".join(parts)
+
+
+def _gold_unparsable(row: dict[str, Any], verify_golds: bool) -> bool:
+    # `None` (the check timed out) keeps the row: the gold is not shown to be bad, and scoring bounds it again.
+    return verify_golds and row["task"] == "math" and check_golds([row["answer"]])[0] is False
+
+
 class _DropLogger:
     """Filter predicate for streamed datasets, which cannot be counted up front: logs each dropped row as it goes."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, max_question_chars: int | None = None, verify_golds: bool = False):
         self.name = name
+        self.max_question_chars = max_question_chars
+        self.verify_golds = verify_golds
         self.dropped = 0
 
     def __call__(self, row: dict[str, Any]) -> bool:
-        if _has_gold(row):
+        reason = _drop_reason(row, self.max_question_chars)
+        if reason is None and _gold_unparsable(row, self.verify_golds):
+            reason = f"{_UNPARSABLE_GOLD} ({row['answer'][:80]!r})"
+        if reason is None:
             return True
         self.dropped += 1
-        logger.warning("%s: dropped row %s without a usable gold (%d so far).", self.name, row["id"], self.dropped)
+        logger.warning("%s: dropped row %s %s (%d so far).", self.name, row["id"], reason, self.dropped)
         return False
+
+
+def _schema_fix(spec: BenchmarkSpec) -> str:
+    """How to fix data that yields no usable row: the columns and gold format the spec reads."""
+    if spec.task == "code":
+        gold = f"tests in `{spec.tests_column}`"
+    else:
+        gold = f"the gold in `{spec.answer_column}` written as `{spec.answer_format}`"
+    return (
+        f"Check that the data uses {spec.name}'s raw schema (the question in `{spec.question_column}`, {gold}); for "
+        "another dataset set `question_column`, `answer_column` and `answer_format`."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -600,6 +662,69 @@ def _builder_for(files: list[str]) -> str:
     return builders.pop()
 
 
+def _read_jsonl(path: str) -> Iterator[dict[str, Any]]:
+    """
+    The JSON objects of a `.jsonl` file, decoded line by line: a bad line (not UTF-8, not JSON, not an object) is
+    skipped and counted instead of failing the whole file, and so is a blank line.
+    """
+    skipped: Counter[str] = Counter()
+    lines = 0
+    with open(path, "rb") as file:
+        for lines, line in enumerate(file, 1):  # noqa: B007 - the last value is the line count
+            if not line.strip():
+                skipped["blank"] += 1
+                continue
+            try:
+                row = json.loads(line.decode("utf-8").lstrip("\ufeff"))
+            except UnicodeDecodeError:
+                skipped["not UTF-8"] += 1
+                continue
+            except json.JSONDecodeError:
+                skipped["not valid JSON"] += 1
+                continue
+            if not isinstance(row, dict):
+                skipped["not a JSON object"] += 1
+                continue
+            yield row
+    if skipped:
+        # Blank lines alone are harmless (a trailing empty line); anything else is data the user expected to use.
+        level = logging.INFO if set(skipped) == {"blank"} else logging.WARNING
+        detail = ", ".join(f"{count} {reason}" for reason, count in skipped.items())
+        logger.log(level, "%s: skipped %d of %d lines (%s).", path, skipped.total(), lines, detail)
+
+
+def _iter_jsonl(files: list[str]) -> Iterator[dict[str, Any]]:
+    for path in files:
+        yield from _read_jsonl(path)
+
+
+def _rows_to_dataset(rows: list[dict[str, Any]], origin: str) -> Dataset:
+    """A `Dataset` from JSON objects, with the union of their keys as columns (a key missing from a row is null)."""
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    columns = {key: [row.get(key) for row in rows] for key in keys}
+    for key, values in columns.items():
+        kinds = {type(v) for v in values if v is not None}
+        if str in kinds and kinds <= {str, int, float, bool}:
+            # `42` in one row and `"\\frac{1}{2}"` in another: both are golds, read as text.
+            columns[key] = [v if v is None or isinstance(v, str) else str(v) for v in values]
+    try:
+        return Dataset.from_dict(columns)
+    except (TypeError, ValueError) as error:  # pyarrow's ArrowInvalid / ArrowTypeError derive from these
+        bad = next(key for key in keys if not _builds(columns[key]))
+        raise DataError(
+            f"{origin}: column `{bad}` mixes values of different kinds across rows ({error}); write it with one kind "
+            "(e.g. always a string, or always a list) in every row."
+        ) from None
+
+
+def _builds(values: list[Any]) -> bool:
+    try:
+        Dataset.from_dict({"column": values})
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _load_hub(
     spec: BenchmarkSpec, split: str, streaming: bool, load_kwargs: dict[str, Any]
 ) -> Dataset | IterableDataset:
@@ -619,6 +744,17 @@ def _load_raw(
         missing = [f for f in files if not any(c in f for c in "*?[") and not os.path.exists(f)]
         if missing:
             raise FileNotFoundError(f"{spec.name}: data files not found: {missing}")
+        if all(f.lower().endswith(".jsonl") and not any(c in f for c in "*?[") for f in files):
+            # Read line by line, so that one bad line is skipped (and counted) rather than failing the whole file.
+            if streaming:
+                return IterableDataset.from_generator(_iter_jsonl, gen_kwargs={"files": files})
+            rows = list(_iter_jsonl(files))
+            if not rows:
+                raise DataError(
+                    f"{spec.name}: no JSON object could be read from {files} (see the skipped lines above). Write "
+                    "one JSON object per line, UTF-8 encoded."
+                )
+            return _rows_to_dataset(rows, ", ".join(files))
         # Local files form a single split, which `datasets` names "train".
         return datasets.load_dataset(
             _builder_for(files), data_files=files, split="train", streaming=streaming, **load_kwargs
@@ -643,28 +779,65 @@ def _load_raw(
     return _load_hub(spec, hub_split, streaming, load_kwargs)
 
 
-def _normalize(raw: Dataset | IterableDataset, spec: BenchmarkSpec) -> Dataset | IterableDataset:
+def _normalize(
+    raw: Dataset | IterableDataset,
+    spec: BenchmarkSpec,
+    origin: str,
+    max_question_chars: int | None,
+    verify_golds: bool,
+) -> Dataset | IterableDataset:
     fn = partial(normalize_example, spec=spec)
     if isinstance(raw, Dataset):
         missing = [c for c in spec.raw_columns if c not in raw.column_names]
         if missing:
-            raise ValueError(
-                f"{spec.name}: raw data lacks columns {missing} (has {raw.column_names}). Local files must use the "
-                "benchmark's own raw schema."
+            raise DataError(
+                f"{spec.name}: raw data lacks columns {missing} (has {raw.column_names}) in {origin}. Local files "
+                "must use the benchmark's own raw schema."
             )
         ds = raw.map(fn, with_indices=True, remove_columns=raw.column_names, features=CANONICAL_FEATURES)
-        before = len(ds)
-        ds = ds.filter(_has_gold)
-        if len(ds) < before:
-            logger.warning("%s: dropped %d of %d rows without a usable gold.", spec.name, before - len(ds), before)
-        if len(ds) == 0:
-            raise ValueError(f"{spec.name}: none of the {before} rows has a usable gold answer or tests.")
-        return ds
+        return _drop_unusable(ds, spec, origin, max_question_chars, verify_golds)
     # Streamed features are often unknown, so the raw columns are dropped by selection rather than by name.
     ds = raw.map(fn, with_indices=True).select_columns(list(CANONICAL_COLUMNS)).cast(CANONICAL_FEATURES)
-    ds = ds.filter(_DropLogger(spec.name))
+    ds = ds.filter(_DropLogger(spec.name, max_question_chars, verify_golds))
     if next(iter(ds.take(1)), None) is None:
-        raise ValueError(f"{spec.name}: the stream has no row with a usable gold answer or tests.")
+        raise DataError(
+            f"{spec.name}: the stream from {origin} has no row with a usable gold answer or tests and a usable "
+            f"question (see the dropped rows above). {_schema_fix(spec)}"
+        )
+    return ds
+
+
+def _drop_unusable(
+    ds: Dataset, spec: BenchmarkSpec, origin: str, max_question_chars: int | None, verify_golds: bool
+) -> Dataset:
+    """Drops the rows that cannot be used (see the module docstring), with one logged count per reason."""
+    columns = {key: list(ds[key]) for key in ("problem", "answer", "tests", "task")}
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    reasons = [_drop_reason(row, max_question_chars) for row in rows]
+    example_bad_gold = None
+    if verify_golds:
+        math_rows = [i for i, reason in enumerate(reasons) if reason is None and rows[i]["task"] == "math"]
+        golds = [rows[i]["answer"] for i in math_rows]
+        for i, gold, parses in zip(math_rows, golds, check_golds(golds)):
+            if parses is False:  # `None` (timed out) keeps the row: the gold is not shown to be bad
+                reasons[i] = _UNPARSABLE_GOLD
+                example_bad_gold = example_bad_gold or gold
+    before = len(ds)
+    kept = [i for i, reason in enumerate(reasons) if reason is None]
+    if not kept:
+        reasons_text = _describe_drops(reasons, example_bad_gold)
+        raise DataError(
+            f"{spec.name}: none of the {before} rows of {origin} is usable ({reasons_text}). {_schema_fix(spec)}"
+        )
+    if len(kept) < before:
+        logger.warning(
+            "%s: dropped %d of %d rows (%s).",
+            spec.name,
+            before - len(kept),
+            before,
+            _describe_drops(reasons, example_bad_gold),
+        )
+        ds = ds.select(kept)
     return ds
 
 
@@ -679,15 +852,20 @@ def load_benchmark(
     split: str | None = None,
     streaming: bool = False,
     limit: int | None = None,
+    max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS,
+    verify_golds: bool = True,
     **load_kwargs: Any,
 ) -> Dataset | IterableDataset:
     """
     Load a benchmark in the canonical schema, from the Hub or from local files.
 
-    Rows whose gold is missing or cannot be extracted are dropped, with a logged count (streamed: one warning per
-    dropped row), and a `ValueError` is raised when no usable row is left; a stream is read up to its first usable row
-    to check this. With `HF_HUB_OFFLINE=1` and no `data_files`, only the local Hugging Face cache is tried and a
-    `ConnectionError` naming `data_files` is raised at once when the dataset is not there.
+    Rows that cannot be used are dropped, with a logged count per reason (streamed: one warning per dropped row): a
+    gold that is missing or cannot be extracted, an empty question, a question over `max_question_chars`, a maths
+    gold math-verify cannot parse. Lines of a local `.jsonl` file that are blank, not UTF-8 or not a JSON object are
+    skipped with a count per file. A [`DataError`] naming the data and the fix is raised when no usable row is left;
+    a stream is read up to its first usable row to check this. With `HF_HUB_OFFLINE=1` and no `data_files`, only the
+    local Hugging Face cache is tried and a `ConnectionError` naming `data_files` is raised at once when the dataset is
+    not there.
 
     Args:
         name_or_spec (`str` or `BenchmarkSpec`):
@@ -702,13 +880,26 @@ def load_benchmark(
             Return an `IterableDataset` that reads rows lazily.
         limit (`int`, *optional*, defaults to `None`):
             Keep only the first `limit` usable rows.
+        max_question_chars (`int` or `None`, *optional*, defaults to `DEFAULT_MAX_QUESTION_CHARS`):
+            Drop rows whose question (the `problem` shown to the model) is longer than this many characters; `None`
+            keeps every length.
+        verify_golds (`bool`, *optional*, defaults to `True`):
+            Drop maths rows whose gold math-verify cannot parse, checked in the reward worker pool as `score_math`
+            would read it (every completion of such a row would score `None`).
         **load_kwargs:
-            Passed to `datasets.load_dataset` (e.g. `revision`, `cache_dir`).
+            Passed to `datasets.load_dataset` (e.g. `revision`, `cache_dir`); unused for local `.jsonl` files, which
+            are read line by line.
 
     Returns:
         `datasets.Dataset` or `datasets.IterableDataset`: Rows with the columns of `CANONICAL_FEATURES`.
+
+    Raises:
+        [`DataError`]: no usable row is left, or the data lacks a column of the spec.
+        `FileNotFoundError`: a file of `data_files` does not exist.
     """
     spec = get_spec(name_or_spec)
+    if max_question_chars is not None and max_question_chars <= 0:
+        raise ValueError(f"`max_question_chars` must be > 0 or None, got {max_question_chars}.")
     if limit is not None and limit < 0:
         raise ValueError(f"`limit` must be >= 0, got {limit}.")
     if spec.sources:
@@ -722,16 +913,24 @@ def load_benchmark(
         if unknown:
             raise ValueError(f"{spec.name}: `data_files` names unknown components {sorted(unknown)}.")
         parts = [
-            load_benchmark(src, data_files=files.get(src), split=None, streaming=streaming, **load_kwargs).map(
-                _prefix_ids
-            )
+            load_benchmark(
+                src,
+                data_files=files.get(src),
+                split=None,
+                streaming=streaming,
+                max_question_chars=max_question_chars,
+                verify_golds=verify_golds,
+                **load_kwargs,
+            ).map(_prefix_ids)
             for src in spec.sources
         ]
         ds = datasets.concatenate_datasets(parts)
     else:
         if isinstance(data_files, dict):
             raise ValueError(f"{spec.name}: `data_files` must be a path or a list of paths.")
-        ds = _normalize(_load_raw(spec, data_files, split, streaming, load_kwargs), spec)
+        origin = ", ".join(_as_file_list(data_files)) if data_files is not None else f"{spec.hub_id} (Hub)"
+        raw = _load_raw(spec, data_files, split, streaming, load_kwargs)
+        ds = _normalize(raw, spec, origin, max_question_chars, verify_golds)
     if limit is not None:
         ds = ds.take(limit) if isinstance(ds, IterableDataset) else ds.select(range(min(limit, len(ds))))
     return ds
@@ -780,7 +979,7 @@ def load_custom_dataset(
         limit (`int`, *optional*, defaults to `None`):
             Keep only the first `limit` usable rows.
         **load_kwargs:
-            Passed to `datasets.load_dataset`.
+            Passed to [`load_benchmark`] (`max_question_chars`, `verify_golds`) and on to `datasets.load_dataset`.
 
     Returns:
         `datasets.Dataset` or `datasets.IterableDataset`: Rows with the columns of `CANONICAL_FEATURES`.

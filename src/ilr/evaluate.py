@@ -748,7 +748,12 @@ def _evaluate_benchmark(
     spec = get_spec(name)
     agent_names = [backend.name for backend in backends]
     files = config.data_files.get(name)
-    rows = load_benchmark(name, data_files=files, streaming=config.streaming, limit=config.limit)
+    # A benchmark keeps every problem, so that scores stay comparable with published ones: a gold math-verify cannot
+    # read is scored `None` and counted as unscored, not dropped.
+    rows = load_benchmark(
+        name, data_files=files, streaming=config.streaming, limit=config.limit, verify_golds=False,
+        max_question_chars=None,
+    )  # fmt: skip
     details_path = output_dir / f"details_{name}.jsonl"
     if config.overwrite and details_path.exists():
         details_path.unlink()

@@ -45,6 +45,7 @@ from typing import Any
 __all__ = [
     "REWARD_FUNCS",
     "accuracy_reward",
+    "check_golds",
     "code_reward",
     "extract_boxed",
     "format_reward",
@@ -215,13 +216,23 @@ def _parse_pred(content: str) -> list:
     return parse(f"\\boxed{{{content}}}", extraction_config=_pred_config(), parsing_timeout=None)
 
 
+def _parse_gold_as_scored(gold: str) -> list:
+    """The gold as `_score_pair` reads it: a plain number in its canonical form, anything else as written."""
+    gold_number = _numeric_core(gold)
+    return _parse_gold(gold if gold_number is None else gold_number)
+
+
+def _gold_parses(gold: str) -> bool:
+    return _has_math(_parse_gold_as_scored(gold))
+
+
 def _score_pair(pair: tuple[str, str | None]) -> float | None:
     """Score one `(gold, boxed content)` pair; see `score_math` for the rules."""
     from math_verify import verify
 
     gold, content = pair
     gold_number = _numeric_core(gold)
-    gold_parsed = _parse_gold(gold if gold_number is None else gold_number)
+    gold_parsed = _parse_gold_as_scored(gold)
     if not _has_math(gold_parsed):
         return None  # unparsable gold: cannot score, never 1.0
     if not content:
@@ -634,6 +645,37 @@ def score_math(
     """
     details = _score_math_detailed(completions, golds, max_workers=max_workers, timeout_s=timeout_s)
     return [value for _, value, _ in details]
+
+
+def check_golds(golds: list[str], *, max_workers: int | None = None, timeout_s: float = 5.0) -> list[bool | None]:
+    """
+    Whether `score_math` can read each gold answer, checked once per distinct gold in the worker pool.
+
+    A gold math-verify cannot parse would make every completion of its problem score `None`; data loaders use this
+    to drop such rows up front (`ilr.data`), with a count, rather than train on questions that can never be scored.
+
+    Args:
+        golds (`list[str]`):
+            Gold final answers, already extracted (`"18"`, `"\\frac{1}{2}"`).
+        max_workers (`int` or `None`, *optional*):
+            Pool size, as in `score_math`.
+        timeout_s (`float`, *optional*, defaults to `5.0`):
+            Time bound per distinct gold, as in `score_math`.
+
+    Returns:
+        `list[bool | None]`: `True` when the gold parses, `False` when it does not (or raises, or is not a non-empty
+        string), `None` when parsing timed out or crashed its worker.
+    """
+    distinct = list(dict.fromkeys(gold for gold in golds if isinstance(gold, str) and gold.strip()))
+    outcomes = _run_pool(_gold_parses, distinct, max_workers=max_workers, timeout_s=timeout_s)
+    _warn_unscored("check_golds", outcomes)
+    # An exception while parsing means `score_math` fails on it too: not parsable. A timeout or crash may be the
+    # machine's load rather than the gold: undecided.
+    parses = {
+        gold: (status == "ok" and bool(value)) if status in ("ok", "error") else None
+        for gold, (status, value, _) in zip(distinct, outcomes)
+    }
+    return [parses.get(gold, False) if isinstance(gold, str) else False for gold in golds]
 
 
 def accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float | None]:
