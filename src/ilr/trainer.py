@@ -18,9 +18,11 @@ each can be tested alone.
 
 Batch size and optimizer steps follow TRL's GRPO: a step has `generation_batch_size // num_generations` questions
 (split over processes), so a trained stage gives each agent `generation_batch_size` completions, the size of one TRL
-generation batch. An agent's completions are shuffled within each trained stage and cut, stage after stage, into
-micro-batches of `per_device_train_batch_size` (stages are not mixed: a fuse prompt carries the whole discussion and is
-many times longer than a share prompt, so a mixed micro-batch would be mostly padding). Every
+generation batch. An agent's groups (one question's completions) are shuffled within each trained stage and cut,
+stage after stage, into micro-batches of `per_device_train_batch_size` (stages are not mixed: a fuse prompt carries the
+whole discussion and is many times longer than a share prompt, so a mixed micro-batch would be mostly padding). A
+group's samples stay together, so its shared prompt is computed once in the update (`grpo.grouped_per_token_logps`,
+same values and gradients as one full row per sample). Every
 `gradient_accumulation_steps` micro-batches make one optimizer step, and the pass repeats `num_iterations` times: with
 TRL's usual `generation_batch_size = per_device_train_batch_size * gradient_accumulation_steps`, training
 `[share, fuse]` gives two optimizer steps per agent and step, as TRL does with two generation batches. Old
@@ -32,10 +34,23 @@ completions of an earlier policy, so they are computed once, before the first up
 Determinism: everything random in step s is seeded from `(seed, s)` (question order from `(seed, epoch)`), never from
 the drift of a global RNG, so a run resumed from a checkpoint continues exactly as the uninterrupted one.
 
-Multi-process (DDP/FSDP through one `Accelerator`): every process draws the same questions and keeps its share;
-rewards, calibration (group scope) and advantages are per question, hence local; batch-scope calibration gathers the
-step's rewards from every process first; gradients are averaged by DDP and metrics averaged across processes. DeepSpeed (one engine per agent) and FSDP (generation from sharded weights) are not
-supported yet: both stop at start-up with a message.
+Multi-process (DDP or DeepSpeed): every process draws the same questions and keeps its share; rewards, calibration
+(group scope) and advantages are per question, hence local; batch-scope calibration gathers the step's rewards from
+every process first; gradients are averaged across processes (DDP, or each agent's DeepSpeed engine) and metrics
+averaged across processes.
+
+DeepSpeed ZeRO-2/3 (`accelerate launch --config_file recipes/accelerate_configs/zero2.yaml`): each agent gets its own
+engine, per Accelerate's "multiple models with DeepSpeed" guide: one `DeepSpeedPlugin` per agent, copied from the
+launcher's settings, and one `Accelerator` per agent (the first one, `self.accelerator`, does everything else). The
+update keeps the semantics of the plain path exactly: each engine is configured with `gradient_accumulation_steps: 1`
+and `train_micro_batch_size_per_gpu: per_device_train_batch_size`; the loop marks the last micro-batch of each of its
+own accumulation windows as the engine's accumulation boundary, calls `engine.backward` on the loss it normalised
+itself and `engine.step()` once per window; clipping is DeepSpeed's `gradient_clipping` (= `max_grad_norm`) and our
+learning-rate scheduler sets the lr of the optimizer that ZeRO steps. Under ZeRO-3 the parameters are partitioned, so
+generation (the transformers backend generates with the training model) runs inside `deepspeed.zero.GatheredParameters`
+of every agent. Checkpoints hold, per agent, the engine's own checkpoint (partitioned optimizer state, one file per
+process): a resume needs the same launch config and number of processes. FSDP is not supported (generation from
+sharded weights): it stops at start-up with a message.
 """
 
 from __future__ import annotations
@@ -53,7 +68,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,6 +111,8 @@ IRT_STATE_NAME = "irt.json"
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 METRICS_NAME = "metrics.jsonl"
+# Under DeepSpeed: the tag (sub-folder of `<checkpoint>/<agent.name>/`) of each engine's own checkpoint.
+DEEPSPEED_CHECKPOINT_TAG = "deepspeed"
 STATE_FORMAT_VERSION = 1
 
 
@@ -308,6 +325,10 @@ class MicroBatch:
     """
     Padded tensors of a few [`TrainingSample`]s: prompts left-padded, completions right-padded (TRL's layout).
 
+    Besides the full rows (one per sample, for [`~ilr.grpo.per_token_logps`]), it holds each distinct prompt once, for
+    [`~ilr.grpo.grouped_per_token_logps`]: consecutive samples with the same prompt (the completions of one group)
+    share a prompt row.
+
     Args:
         input_ids (`torch.Tensor` of shape `(B, P + T)`):
             Prompt ids followed by completion ids.
@@ -317,16 +338,34 @@ class MicroBatch:
             1 on the completion tokens that are trained.
         advantages (`torch.Tensor` of shape `(B,)`):
             One advantage per completion.
+        prompt_ids (`torch.Tensor` of shape `(N, P)`, *optional*):
+            Each run of consecutive samples with the same prompt, its prompt once, left-padded to the same P.
+        prompt_mask (`torch.Tensor` of shape `(N, P)`, *optional*):
+            1 on the prompt tokens of `prompt_ids`.
+        group_sizes (`list[int]`, *optional*):
+            How many consecutive samples each row of `prompt_ids` is the prompt of (they add up to B).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     completion_mask: torch.Tensor
     advantages: torch.Tensor
+    prompt_ids: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
+    group_sizes: list[int] | None = None
 
     @property
     def logits_to_keep(self) -> int:
         return self.completion_mask.size(1)
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, -self.logits_to_keep :]
+
+    @property
+    def completion_attention_mask(self) -> torch.Tensor:
+        """1 on every completion token, trained or not (`completion_mask` leaves out masked truncated ones)."""
+        return self.attention_mask[:, -self.logits_to_keep :]
 
 
 def collate_samples(
@@ -337,7 +376,7 @@ def collate_samples(
     mask_truncated: bool = False,
 ) -> MicroBatch:
     """
-    Pad a few samples into one [`MicroBatch`].
+    Pad a few samples into one [`MicroBatch`], with one prompt row per run of consecutive samples sharing a prompt.
 
     Args:
         samples (`Sequence[TrainingSample]`):
@@ -367,11 +406,17 @@ def collate_samples(
         if not (mask_truncated and sample.truncated):
             completion_mask[row, : len(sample.completion_ids)] = 1
     advantages = torch.tensor([sample.advantage for sample in samples], dtype=torch.float32)
+    # The prompt rows are the full rows' prompt part at the first sample of each run: same width, same padding.
+    run_starts = [row for row in range(size) if row == 0 or samples[row].prompt_ids != samples[row - 1].prompt_ids]
+    group_sizes = [end - start for start, end in zip(run_starts, [*run_starts[1:], size])]
     return MicroBatch(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         completion_mask=completion_mask.to(device),
         advantages=advantages.to(device),
+        prompt_ids=input_ids[run_starts, :prompt_width].to(device),
+        prompt_mask=attention_mask[run_starts, :prompt_width].to(device),
+        group_sizes=group_sizes,
     )
 
 
@@ -475,6 +520,10 @@ class ILRTrainer:
             Local data files, part of the IRT cache key.
     """
 
+    # Compute a prompt shared by several samples of a micro-batch once ([`~ilr.grpo.grouped_per_token_logps`]) where
+    # the model allows it; the values are the full-sequence path's. `False` forces the full-sequence path everywhere.
+    share_prompt_forward: bool = True
+
     def __init__(
         self,
         agents: list[AgentConfig],
@@ -503,6 +552,8 @@ class ILRTrainer:
         self._check_settings()
 
         self.accelerator = self._build_accelerator()
+        # Under DeepSpeed one `Accelerator` per agent, each preparing its agent's engine; else the one above for all.
+        self.agent_accelerators = self._agent_accelerators()
         self.questions_per_step = args.generation_batch_size // args.num_generations
         self.questions_per_process = self.questions_per_step // self.accelerator.num_processes
         self.num_training_steps = self._num_training_steps()
@@ -511,11 +562,12 @@ class ILRTrainer:
 
         self.tokenizers = self._load_tokenizers(tokenizers)
         self.models = self._prepare_models(models)
-        self.ref_models = self._prepare_ref_models()
         self.optimizers = [self._build_optimizer(i) for i in range(len(self.agents))]
+        self.ref_models = self._prepare_ref_models()
         self.optimizer_steps_per_step = self._optimizer_steps_per_step()
         self.schedulers = [self._build_scheduler(optimizer) for optimizer in self.optimizers]
         self.backends = self._build_backends()
+        self.pushers = self._build_pushers()
 
         self.irt: IRTEstimate | None = None
         self.ability_window: list[dict[str, list]] = []
@@ -585,6 +637,13 @@ class ILRTrainer:
             raise NotImplementedError(
                 f"`save_strategy: {args.save_strategy}`: use `steps` (with `save_steps`) or `no`."
             )
+        if args.push_to_hub:
+            missing = [agent.name for agent in self.agents if not agent.hub_model_id]
+            if missing:
+                raise ValueError(
+                    f"`push_to_hub: true` pushes each agent to its own repository, but agents {missing} have no "
+                    "`hub_model_id`: set one per agent (e.g. `hub_model_id: org/name-ilr`) or `push_to_hub: false`."
+                )
         if args.generation_batch_size % args.num_generations:
             raise ValueError(
                 f"`generation_batch_size` ({args.generation_batch_size}) must be a multiple of `num_generations` "
@@ -623,18 +682,17 @@ class ILRTrainer:
         log_with = [target for target in report_to if target != "none"] or None
         mixed_precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
         accelerator = Accelerator(
-            cpu=args.use_cpu, mixed_precision=mixed_precision, log_with=log_with, project_dir=args.output_dir
+            cpu=args.use_cpu,
+            mixed_precision=mixed_precision,
+            log_with=log_with,
+            project_dir=args.output_dir,
+            deepspeed_plugins=self._deepspeed_plugins(),
         )
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            raise NotImplementedError(
-                "DeepSpeed with several trained models (one DeepSpeed engine per agent, Accelerate's multi-model "
-                "`deepspeed_plugins` API) is not implemented in the ILR trainer yet. Launch with "
-                "recipes/accelerate_configs/ddp.yaml (or cpu.yaml) instead."
-            )
         if accelerator.distributed_type == DistributedType.FSDP:
             raise NotImplementedError(
                 "FSDP is not supported by the ILR trainer yet: its generation backends read the training models' "
-                "full weights, which FSDP shards. Launch with recipes/accelerate_configs/ddp.yaml instead."
+                "full weights, which FSDP shards. Launch with recipes/accelerate_configs/zero3.yaml (sharded weights, "
+                "gathered for generation) or ddp.yaml instead."
             )
         if self.args.generation_batch_size // self.args.num_generations % accelerator.num_processes:
             raise ValueError(
@@ -642,6 +700,103 @@ class ILRTrainer:
                 f"evenly over {accelerator.num_processes} processes: adjust `generation_batch_size`."
             )
         return accelerator
+
+    def _deepspeed_plugins(self) -> dict[str, Any] | None:
+        """
+        One `DeepSpeedPlugin` per agent when the run is launched with a DeepSpeed config (`ACCELERATE_USE_DEEPSPEED`),
+        else `None`. Each is built from the launcher's settings (ZeRO stage, offload, `deepspeed_config_file`), then
+        set for this loop: micro-batches of `per_device_train_batch_size`, no accumulation inside DeepSpeed (the loop
+        keeps its own windows and loss normalisation), clipping to `max_grad_norm`, and under ZeRO-3 the whole weights
+        gathered when a model is saved.
+        """
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+            return None
+        from accelerate.utils import DeepSpeedPlugin, is_deepspeed_available
+
+        if not is_deepspeed_available():
+            raise ImportError(
+                "The run is launched with a DeepSpeed config: install it with `pip install -e .[deepspeed]`."
+            )
+        if self.args.use_cpu:
+            raise ValueError(
+                "The run is launched with a DeepSpeed config but the recipe sets `use_cpu: true`, with which Accelerate "
+                "silently drops DeepSpeed: set `use_cpu: false` (without a GPU, DeepSpeed runs on the CPU anyway)."
+            )
+        if len({agent.name for agent in self.agents}) != len(self.agents):
+            raise ValueError(
+                "Under DeepSpeed every agent needs its own `name` (it keys the agent's DeepSpeed plugin)."
+            )
+        args = self.args
+        plugins = {}
+        for agent in self.agents:
+            plugin = DeepSpeedPlugin()  # the launcher's settings, from the environment; a fresh config dict each time
+            config = plugin.deepspeed_config
+            for section in ("optimizer", "scheduler"):
+                if section in config:
+                    raise ValueError(
+                        f"The DeepSpeed config has a `{section}` section, but the ILR trainer builds each agent's AdamW "
+                        "and learning-rate schedule from the recipe (`learning_rate`, `lr_scheduler_type`, ...): remove "
+                        f"`{section}` from the DeepSpeed config."
+                    )
+            clipping = float(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else 0.0
+            config.update(
+                train_micro_batch_size_per_gpu=args.per_device_train_batch_size,
+                gradient_accumulation_steps=1,
+                train_batch_size="auto",
+                gradient_clipping=clipping,
+            )
+            plugin.gradient_accumulation_steps, plugin.gradient_clipping = 1, clipping
+            if plugin.zero_stage == 3:  # `accelerator.get_state_dict` (saving) gathers the partitioned weights
+                config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+                plugin.zero3_save_16bit_model = True
+            plugins[agent.name] = plugin
+        return plugins
+
+    def _agent_accelerators(self) -> list[Accelerator]:
+        """The `Accelerator` that prepares each agent: under DeepSpeed one per agent (an `Accelerator` ties itself to
+        the engine it prepared), sharing the first one's state and plugins; else `self.accelerator` for all."""
+        if not self.is_deepspeed:
+            return [self.accelerator] * len(self.agents)
+        from accelerate import Accelerator
+
+        return [self.accelerator] + [Accelerator(cpu=self.args.use_cpu) for _ in self.agents[1:]]
+
+    @property
+    def is_deepspeed(self) -> bool:
+        """Whether the agents are trained by DeepSpeed engines (one per agent)."""
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def _is_zero3(self) -> bool:
+        return self.is_deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+    def _select_deepspeed_plugin(self, agent_index: int) -> None:
+        """Make the agent's DeepSpeed plugin the active one (for preparing its engine, or ZeRO-3 loading)."""
+        if self.is_deepspeed:
+            self.accelerator.state.select_deepspeed_plugin(self.agents[agent_index].name)
+
+    @contextlib.contextmanager
+    def gathered_weights(self) -> Iterator[None]:
+        """
+        Context manager: every agent's whole weights for the duration of the block, for generation or a weight sync.
+        Under ZeRO-3 each engine's partitioned parameters are gathered (`deepspeed.zero.GatheredParameters`) and its
+        parameter-fetching hooks removed, as TRL's `unwrap_model_for_generation` does; otherwise it does nothing.
+        Gathering is collective: every process must enter the block. It holds all agents' full weights at once (not
+        their gradients or optimizer states).
+        """
+        if not self._is_zero3():
+            yield
+            return
+        import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
+
+        with contextlib.ExitStack() as stack:
+            for model in self.models:
+                stack.enter_context(deepspeed.zero.GatheredParameters(list(model.parameters())))
+                remove_hooks(model)
+                stack.callback(add_hooks, model)
+            yield
 
     def _num_training_steps(self) -> int:
         if self.args.max_steps and self.args.max_steps > 0:
@@ -664,6 +819,7 @@ class ILRTrainer:
             raise ValueError(f"Got {len(models)} models for {len(self.agents)} agents.")
         prepared = []
         for index, agent in enumerate(self.agents):
+            self._select_deepspeed_plugin(index)  # ZeRO-3 with `zero3_init_flag` partitions the weights as they load
             model = models[index] if models is not None else load_model(agent, for_training=True)
             model.train()
             if self.args.gradient_checkpointing:
@@ -674,7 +830,8 @@ class ILRTrainer:
                 from trl.trainer.utils import disable_dropout_in_model
 
                 disable_dropout_in_model(model)
-            prepared.append(self.accelerator.prepare_model(model))
+            # Under DeepSpeed a model is prepared together with its optimizer, into its engine (`_build_optimizer`).
+            prepared.append(model if self.is_deepspeed else self.accelerator.prepare_model(model))
         return prepared
 
     def _prepare_ref_models(self) -> list[Any | None]:
@@ -686,12 +843,19 @@ class ILRTrainer:
         if self.args.beta == 0.0:
             return [None] * len(self.agents)
         refs = []
-        for agent, model in zip(self.agents, self.models):
+        for index, (agent, model) in enumerate(zip(self.agents, self.models)):
             if is_peft_model(self.accelerator.unwrap_model(model)):
                 refs.append(None)
                 continue
+            self._select_deepspeed_plugin(index)
             ref = load_model(agent).requires_grad_(False)
-            refs.append(self.accelerator.prepare_model(ref, evaluation_mode=True))
+            if self.is_deepspeed:
+                from trl.models.utils import prepare_deepspeed
+
+                # As TRL: an inference engine, partitioned like the trained model under ZeRO-3, whole (stage 0) else.
+                refs.append(prepare_deepspeed(ref, self.accelerator))
+            else:
+                refs.append(self.accelerator.prepare_model(ref, evaluation_mode=True))
         return refs
 
     def _build_optimizer(self, index: int) -> Any:
@@ -700,10 +864,13 @@ class ILRTrainer:
         trainable = [(name, p) for name, p in self.models[index].named_parameters() if p.requires_grad]
         if not trainable:
             raise ValueError(f"Agent `{self.agents[index].name}` has no trainable parameter.")
-        # As transformers' Trainer: no weight decay on biases and normalisation weights (the 1-D parameters).
+        # As transformers' Trainer: no weight decay on biases and normalisation weights (the 1-D parameters). A weight
+        # partitioned as it loaded (ZeRO-3 init) keeps its real shape in `ds_shape`.
+        matrices = [p for _, p in trainable if len(getattr(p, "ds_shape", p.shape)) > 1]
+        vectors = [p for _, p in trainable if len(getattr(p, "ds_shape", p.shape)) <= 1]
         groups = [
-            {"params": [p for _, p in trainable if p.ndim > 1], "weight_decay": args.weight_decay},
-            {"params": [p for _, p in trainable if p.ndim <= 1], "weight_decay": 0.0},
+            {"params": matrices, "weight_decay": args.weight_decay},
+            {"params": vectors, "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW(
             [group for group in groups if group["params"]],
@@ -711,7 +878,14 @@ class ILRTrainer:
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon,
         )
-        return self.accelerator.prepare_optimizer(optimizer)
+        if not self.is_deepspeed:
+            return self.accelerator.prepare_optimizer(optimizer)
+        # The agent's engine: its model and optimizer prepared together, by its own Accelerator and plugin. The engine
+        # replaces the model in `self.models`; the returned optimizer wraps the ZeRO optimizer, whose param groups are
+        # the AdamW groups above (so the learning-rate scheduler built on it sets the lr ZeRO steps with).
+        self._select_deepspeed_plugin(index)
+        self.models[index], optimizer = self.agent_accelerators[index].prepare(self.models[index], optimizer)
+        return optimizer
 
     def _samples_per_agent(self) -> int:
         """Completions each agent trains on per step and process (fixed by the settings)."""
@@ -755,10 +929,30 @@ class ILRTrainer:
             else:
                 kwargs = {}
             unwrapped = self.accelerator.unwrap_model(model)
-            backend = build_backend(agent, args.generation_backend, model=unwrapped, tokenizer=tokenizer, **kwargs)
+            # A vLLM engine loads the training weights as it starts: whole ones (ZeRO-3).
+            with self.gathered_weights() if args.generation_backend != "transformers" else contextlib.nullcontext():
+                backend = build_backend(agent, args.generation_backend, model=unwrapped, tokenizer=tokenizer, **kwargs)
             backend.max_retries = args.generation_retries
             backends.append(backend)
         return backends
+
+    def _build_pushers(self) -> dict[str, Any]:
+        """One background Hub pusher per agent repository (`push_to_hub`), on the main process only."""
+        if not self.args.push_to_hub or not self.accelerator.is_main_process:
+            return {}
+        from ilr.hub import HubPusher
+
+        # Snapshots are hard links: the staging folder must sit on the checkpoints' filesystem, outside them.
+        staging = Path(self.args.output_dir) / ".hub_staging"
+        return {
+            agent.name: HubPusher(
+                agent.hub_model_id,
+                token=self.args.hub_token,
+                private=bool(self.args.hub_private_repo),
+                staging_dir=staging,
+            )
+            for agent in self.agents
+        }
 
     # -----------------------------------------------------------------------------------------------------------------
     # The loop
@@ -927,9 +1121,10 @@ class ILRTrainer:
         """
         from ilr.interaction import run_idea3
 
-        return run_idea3(
-            questions, self.backends, coop_mask, self.idea3_settings, rng=_seed_sequence(self.args.seed, step, 1)
-        )
+        with self.gathered_weights():  # the transformers backend generates with the (ZeRO-3: partitioned) models
+            return run_idea3(
+                questions, self.backends, coop_mask, self.idea3_settings, rng=_seed_sequence(self.args.seed, step, 1)
+            )
 
     # --- 3. rewards --------------------------------------------------------------------------------------------------
     def score(self, transcript: Transcript) -> StepRewards:
@@ -1076,24 +1271,29 @@ class ILRTrainer:
                 Seeds the shuffle (as TRL shuffles a generation batch before cutting it into micro-batches).
 
         Returns:
-            `list[TrainingSample]`: stage after stage (`train_stages` order), shuffled within each stage.
+            `list[TrainingSample]`: stage after stage (`train_stages` order); within a stage, the groups (one question's
+            completions) in a shuffled order, each group's samples together. Unlike TRL, which shuffles single
+            samples, groups stay whole, so that a micro-batch holds whole groups (when its size is a multiple of the
+            group size) and [`update_agent`] computes each group's shared prompt once.
         """
         samples = []
         for stage_index, stage in enumerate(self.args.train_stages):
-            stage_samples = [
-                TrainingSample(
-                    prompt_ids=list(group.prompt_ids),
-                    completion_ids=list(group.completion_ids[k]),
-                    advantage=float(advantages[stage][agent_index, group.question, k]),
-                    truncated=group.finish_reasons[k] == "length",
-                    stage=stage,
-                    question=group.question,
-                )
+            groups = [
+                [
+                    TrainingSample(
+                        prompt_ids=list(group.prompt_ids),
+                        completion_ids=list(group.completion_ids[k]),
+                        advantage=float(advantages[stage][agent_index, group.question, k]),
+                        truncated=group.finish_reasons[k] == "length",
+                        stage=stage,
+                        question=group.question,
+                    )
+                    for k in range(group.num_samples)
+                ]
                 for group in transcript.groups_for(agent_index, [stage])
-                for k in range(group.num_samples)
             ]
-            order = _seed_sequence(self.args.seed, step, 2, agent_index, stage_index).permutation(len(stage_samples))
-            samples.extend(stage_samples[i] for i in order)
+            order = _seed_sequence(self.args.seed, step, 2, agent_index, stage_index).permutation(len(groups))
+            samples.extend(sample for i in order for sample in groups[i])
         return samples
 
     def update_agent(self, agent_index: int, samples: list[TrainingSample]) -> dict[str, float]:
@@ -1111,7 +1311,7 @@ class ILRTrainer:
             `dict[str, float]`: loss, grad norm, learning rate and the loss function's clip (and KL) metrics, averaged
             over the optimizer steps.
         """
-        from ilr.grpo import grpo_loss, per_token_logps
+        from ilr.grpo import grouped_per_token_logps, grpo_loss, per_token_logps, supports_grouped_logps
 
         args, accelerator = self.args, self.accelerator
         model, optimizer, scheduler = (
@@ -1137,7 +1337,27 @@ class ILRTrainer:
             for i in range(0, len(micro_batches), args.gradient_accumulation_steps)
         ]
 
+        # A prompt shared by several samples of a micro-batch (a GRPO group: ILR's analyse and fuse prompts, carrying
+        # the peers' texts, are ~20 tokens per generated token) runs once, its KV cache expanded to the completions:
+        # the same log-probabilities and gradients as the full rows. Where the model cannot (gradient checkpointing,
+        # sliding-window caches, ...) or no prompt is shared, the full rows run as in TRL.
+        shares_prompts: dict[int, bool] = {}
+
         def logps_of(module: Any, batch: MicroBatch) -> torch.Tensor:
+            shared = batch.group_sizes is not None and len(batch.group_sizes) < len(batch.advantages)
+            if shared and self.share_prompt_forward:
+                if id(module) not in shares_prompts:
+                    shares_prompts[id(module)] = supports_grouped_logps(accelerator.unwrap_model(module))
+                if shares_prompts[id(module)]:
+                    return grouped_per_token_logps(
+                        module,
+                        batch.prompt_ids,
+                        batch.prompt_mask,
+                        batch.completion_ids,
+                        batch.completion_attention_mask,
+                        batch.group_sizes,
+                        args.temperature,
+                    )
             return per_token_logps(
                 module, batch.input_ids, batch.attention_mask, batch.logits_to_keep, args.temperature
             )
@@ -1165,7 +1385,7 @@ class ILRTrainer:
                 for position, index in enumerate(window):
                     batch = micro_batches[index]
                     last = position == len(window) - 1
-                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    with self._accumulation(model, boundary=last):
                         logps = logps_of(model, batch)
                         loss, loss_metrics = grpo_loss(
                             logps,
@@ -1183,19 +1403,41 @@ class ILRTrainer:
                         )
                         if args.loss_type != "dapo":  # micro-batch means: average over the window
                             loss = loss / len(window)
-                        accelerator.backward(loss)
+                        if self.is_deepspeed:  # its own engine (gradient_accumulation_steps 1: the loss as it is)
+                            model.backward(loss, scale_wrt_gas=False)
+                        else:
+                            accelerator.backward(loss)
                     window_loss += loss.item()
                     for key, value in loss_metrics.items():
                         totals.setdefault(key, []).append(value)
-                max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else float("inf")
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                totals.setdefault("grad_norm", []).append(float(grad_norm))
                 totals.setdefault("learning_rate", []).append(scheduler.get_last_lr()[0])
                 totals.setdefault("loss", []).append(window_loss)
-                optimizer.step()
+                if self.is_deepspeed:
+                    # The window's end is the engine's accumulation boundary: it reduces what is left, clips to
+                    # `gradient_clipping` (= max_grad_norm), steps and zeroes the gradients.
+                    model.step()
+                    grad_norm = model.get_global_grad_norm()  # before clipping, as `clip_grad_norm_` returns
+                    grad_norm = float("nan") if grad_norm is None else grad_norm
+                else:
+                    max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else float("inf")
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                totals.setdefault("grad_norm", []).append(float(grad_norm))
+                optimizer.step()  # under DeepSpeed, Accelerate's wrapper does nothing here: the engine has stepped
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         return {key: _nanmean(values) for key, values in totals.items()}
+
+    def _accumulation(self, model: Any, boundary: bool) -> contextlib.AbstractContextManager:
+        """
+        Context of one micro-batch's forward and backward inside an accumulation window; `boundary` on the last one.
+        DDP skips the gradient all-reduce before the boundary (`no_sync`); a DeepSpeed engine is told where the
+        window ends, since it is configured with `gradient_accumulation_steps: 1` and would otherwise take every
+        backward as a boundary.
+        """
+        if self.is_deepspeed:
+            model.set_gradient_accumulation_boundary(boundary)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if boundary else self.accelerator.no_sync(model)
 
     def _ref_logps(self, agent_index: int, batch: MicroBatch, logps_of: Callable) -> torch.Tensor:
         ref_model = self.ref_models[agent_index]
@@ -1207,8 +1449,11 @@ class ILRTrainer:
 
     def sync_backends(self) -> None:
         """Make every generation backend sample from its agent's updated weights."""
-        for backend, model in zip(self.backends, self.models):
-            backend.update_weights(self.accelerator.unwrap_model(model))
+        # The transformers backend generates with the training model itself: nothing to copy, nothing to gather.
+        pushing = self.args.generation_backend != "transformers"
+        with self.gathered_weights() if pushing else contextlib.nullcontext():
+            for backend, model in zip(self.backends, self.models):
+                backend.update_weights(self.accelerator.unwrap_model(model))
 
     # --- 7. Dynamic Interaction: difficulty and ability --------------------------------------------------------------
     def prepare_irt(self) -> IRTEstimate | None:
@@ -1233,11 +1478,12 @@ class ILRTrainer:
         path = irt_cache_path(cache_dir, key_fields)
         estimate = load_irt(path, key_fields)
         if estimate is None:
-            if self.accelerator.is_main_process:
-                estimate = self._irt_prepass(key_fields)
-                save_irt(path, estimate, key_fields)
-                logger.info("IRT estimate (%s) cached at %s.", estimate.source, path)
-            self.accelerator.wait_for_everyone()
+            with self.gathered_weights():  # entered by every process (ZeRO-3 gathers collectively)
+                if self.accelerator.is_main_process:
+                    estimate = self._irt_prepass(key_fields)
+                    save_irt(path, estimate, key_fields)
+                    logger.info("IRT estimate (%s) cached at %s.", estimate.source, path)
+                self.accelerator.wait_for_everyone()
             estimate = load_irt(path, key_fields) if estimate is None else estimate
         else:
             logger.info("IRT estimate loaded from the cache %s.", path)
@@ -1466,8 +1712,10 @@ class ILRTrainer:
     def save_checkpoint(self, step: int) -> Path:
         """
         Save everything needed to continue exactly, atomically: written to `tmp-checkpoint-<step>`, then renamed to
-        `checkpoint-<step>`. Per agent (`<agent.name>/`): model or LoRA adapter, tokenizer, optimizer and scheduler;
-        shared: step, sampler position, RNG states, the IRT estimate. Keeps at most `save_total_limit` checkpoints.
+        `checkpoint-<step>`. Per agent (`<agent.name>/`): model or LoRA adapter, tokenizer, optimizer and scheduler
+        (under DeepSpeed, instead of `optimizer.pt`, the engine's own checkpoint in `deepspeed/`: weights and optimizer
+        state, one partition per process); shared: step, sampler position, RNG states, the IRT estimate. Keeps at
+        most `save_total_limit` checkpoints.
 
         Args:
             step (`int`):
@@ -1487,25 +1735,105 @@ class ILRTrainer:
             self.agents, self.models, self.tokenizers, self.optimizers, self.schedulers
         ):
             self._save_agent(tmp / agent.name, model, tokenizer)
-            if main:
+            if self.is_deepspeed:  # ZeRO partitions the optimizer state: the engine writes every process's part
+                model.save_checkpoint(tmp / agent.name, tag=DEEPSPEED_CHECKPOINT_TAG, save_latest=False)
+            elif main:
                 torch.save(optimizer.state_dict(), tmp / agent.name / OPTIMIZER_NAME)
+            if main:
                 torch.save(scheduler.state_dict(), tmp / agent.name / SCHEDULER_NAME)
         if main:
             self._write_state(tmp)
             if final.exists():  # the same step saved again after a resume
                 _discard(final)
             os.replace(tmp, final)
+            self._push_checkpoint(final, step)
             self._rotate_checkpoints(output_dir)
         self.accelerator.wait_for_everyone()
         logger.info("Saved %s.", final)
         return final
 
-    def _save_agent(self, folder: Path, model: Any, tokenizer: Any) -> None:
-        state_dict = self.accelerator.get_state_dict(model)  # gathers shards (FSDP) on every process
-        if self.accelerator.is_main_process:
-            self.accelerator.unwrap_model(model).save_pretrained(
-                folder, state_dict=state_dict, safe_serialization=True
+    def _push_checkpoint(self, checkpoint: Path, step: int) -> None:
+        """Queue each agent's checkpoint for its repository's `step-<step>` branch (`hub_strategy` other than `end`)."""
+        if not self.pushers or str(getattr(self.args.hub_strategy, "value", self.args.hub_strategy)) == "end":
+            return
+        from ilr.hub import step_revision
+
+        for agent in self.agents:
+            self.pushers[agent.name].push_folder(
+                checkpoint / agent.name,
+                revision=step_revision(step),
+                commit_message=f"ILR checkpoint, step {step}",
+                extra_files={TRAINER_STATE_NAME: checkpoint / TRAINER_STATE_NAME},
             )
+
+    def push_final_models(self, folders: list[Path], recipe_path: str | os.PathLike | None = None) -> list[Any]:
+        """
+        Push each agent's final model with its model card to the `main` branch of its `hub_model_id`, then wait for
+        every queued push (checkpoints included). Failures are logged with the command that retries them; the local
+        files are never changed.
+
+        Args:
+            folders (`list[Path]`):
+                From [`save_models`], one per agent.
+            recipe_path (`str` or `os.PathLike`, *optional*):
+                The recipe file, embedded in the cards (credentials removed).
+
+        Returns:
+            `list[PushResult]`: The pushes that failed (empty when all succeeded or nothing was pushed).
+        """
+        from ilr.cards import build_training_card
+
+        if not self.pushers:
+            return []
+        for agent, folder in zip(self.agents, folders):
+            peers = [peer for peer in self.agents if peer is not agent]
+            card = build_training_card(
+                model_name=agent.hub_model_id.split("/")[-1],
+                base_model=agent.model_name_or_path,
+                agent_name=agent.name,
+                peers={peer.name: peer.model_name_or_path for peer in peers},
+                peer_repos={peer.name: peer.hub_model_id for peer in peers if peer.hub_model_id},
+                recipe_path=recipe_path,
+                dataset_name=self.dataset_name,
+                data_files=self.data_files,
+                global_step=self.global_step,
+                num_training_steps=self.num_training_steps,
+                repo_id=agent.hub_model_id,
+            )
+            card_path = Path(self.args.output_dir) / f"README-{agent.name}.md"
+            card.save(card_path)
+            self.pushers[agent.name].push_folder(
+                folder,
+                commit_message=f"ILR final model, step {self.global_step}",
+                extra_files={"README.md": card_path},
+            )
+        return self.close_pushers()
+
+    def close_pushers(self) -> list[Any]:
+        """
+        Wait for every queued Hub push and stop the pushers; log each failure.
+
+        Returns:
+            `list[PushResult]`: The pushes that failed.
+        """
+        failed = []
+        for pusher in self.pushers.values():
+            results = pusher.wait()
+            pusher.close()
+            failed += [result for result in results if not result.ok]
+            logger.info("%d of %d pushes to %s succeeded.", sum(r.ok for r in results), len(results), pusher.repo_id)
+        for result in failed:
+            logger.error("Hub push failed: %s", result)
+        self.pushers = {}
+        return failed
+
+    def _save_agent(self, folder: Path, model: Any, tokenizer: Any) -> None:
+        state_dict = self.accelerator.get_state_dict(model)  # gathers shards (ZeRO-3) on every process
+        if self.accelerator.is_main_process:
+            unwrapped = self.accelerator.unwrap_model(model)
+            if self.is_deepspeed:  # its state dict holds copies: tied weights no longer share storage
+                state_dict = _drop_tied_copies(unwrapped, state_dict)
+            unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(folder)
 
     def _write_state(self, folder: Path) -> None:
@@ -1584,8 +1912,18 @@ class ILRTrainer:
             )
         for agent, model, optimizer, scheduler in zip(self.agents, self.models, self.optimizers, self.schedulers):
             folder = checkpoint / agent.name
-            _load_weights(self.accelerator.unwrap_model(model), folder)
-            optimizer.load_state_dict(torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True))
+            self._check_checkpoint_kind(folder)
+            if self.is_deepspeed:  # weights (the fp32 master copy under ZeRO) and this process's optimizer partition
+                model.load_checkpoint(
+                    folder,
+                    tag=DEEPSPEED_CHECKPOINT_TAG,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=False,
+                    load_module_only=False,
+                )
+            else:
+                _load_weights(self.accelerator.unwrap_model(model), folder)
+                optimizer.load_state_dict(torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True))
             scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
         self.sync_backends()
         self.sampler.load_state_dict(state["sampler"])
@@ -1604,6 +1942,23 @@ class ILRTrainer:
         if rng_state.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng_state["cuda"])
         self._trim_metrics(self.global_step)
+
+    def _check_checkpoint_kind(self, folder: Path) -> None:
+        """Refuse, with the fix, an agent checkpoint written under another launch (DeepSpeed or not, process count)."""
+        written = folder / DEEPSPEED_CHECKPOINT_TAG
+        if self.is_deepspeed != written.is_dir():
+            kind = "with" if written.is_dir() else "without"
+            raise ValueError(
+                f"{folder} was written {kind} DeepSpeed and this run is launched {'with' if self.is_deepspeed else 'without'} "
+                "it: resume with the accelerate config (and number of processes) the checkpoint was written with."
+            )
+        if self.is_deepspeed:
+            partitions = len(list(written.glob("*optim_states.pt")))
+            if partitions != self.accelerator.num_processes:
+                raise ValueError(
+                    f"{written} holds the optimizer state of {partitions} processes (ZeRO partitions it), this run has "
+                    f"{self.accelerator.num_processes}: resume with the same number of processes."
+                )
 
     def _trim_metrics(self, step: int) -> None:
         """Drop the lines of steps after `step` from `metrics.jsonl`: they are about to be run again."""
@@ -1632,6 +1987,16 @@ class ILRTrainer:
             folders.append(output_dir / agent.name)
         self.accelerator.wait_for_everyone()
         return folders
+
+
+def _drop_tied_copies(model: Any, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep one name per tied parameter (the first, as `save_pretrained` keeps of tensors sharing storage)."""
+    first_name: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first_name and first_name[id(param)] in state_dict:
+            state_dict.pop(name, None)
+        first_name.setdefault(id(param), name)
+    return state_dict
 
 
 def _load_weights(model: Any, folder: Path) -> None:
