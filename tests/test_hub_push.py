@@ -332,10 +332,17 @@ def test_offline_pushes_fail_at_once_without_contacting_the_hub(run_dir, monkeyp
 
 
 def test_ignore_patterns_are_a_parameter_and_the_defaults_match_the_trainer(online, run_dir):
-    from ilr.trainer import OPTIMIZER_NAME, RNG_STATE_NAME, SCHEDULER_NAME
+    from huggingface_hub.utils import filter_repo_objects
+
+    from ilr.trainer import DEEPSPEED_CHECKPOINT_TAG, OPTIMIZER_NAME, RNG_STATE_NAME, SCHEDULER_NAME
 
     for name in (OPTIMIZER_NAME, SCHEDULER_NAME, RNG_STATE_NAME):
         assert name in DEFAULT_PUSH_IGNORE_PATTERNS and f"*/{name}" in DEFAULT_PUSH_IGNORE_PATTERNS
+    engine_files = [f"{DEEPSPEED_CHECKPOINT_TAG}/global_step4/mp_rank_00_model_states.pt", "zero_to_fp32.py"]
+    kept = list(
+        filter_repo_objects([*engine_files, "model.safetensors"], ignore_patterns=DEFAULT_PUSH_IGNORE_PATTERNS)
+    )
+    assert kept == ["model.safetensors"]  # a DeepSpeed checkpoint's engine state stays local
 
     api = FakeHfApi()
     folder = write_checkpoint(run_dir, 10)

@@ -48,8 +48,10 @@ logger = logging.getLogger(__name__)
 _TRUE = ("1", "ON", "YES", "TRUE")
 
 # Training state a checkpoint needs to resume but a Hub model repository does not: the trainer's `OPTIMIZER_NAME`,
-# `SCHEDULER_NAME` and `RNG_STATE_NAME` (a test checks they agree), at the top of the pushed folder or one level down.
-_TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
+# `SCHEDULER_NAME` and `RNG_STATE_NAME` (a test checks they agree), at the top of the pushed folder or one level down;
+# under DeepSpeed, the engine's own checkpoint (`DEEPSPEED_CHECKPOINT_TAG`: weights + optimizer partitions) and the
+# conversion scripts it writes next to it.
+_TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "deepspeed/*", "zero_to_*.py")
 DEFAULT_PUSH_IGNORE_PATTERNS = tuple(pattern for name in _TRAINING_STATE_FILES for pattern in (name, f"*/{name}"))
 # Hub user access tokens (`hf_...`) and bearer headers, scrubbed from every message even when the token in use is not
 # known here (a saved login).

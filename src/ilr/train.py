@@ -21,6 +21,7 @@ Data (validation is needed only by `interaction_mode: dynamic` with `difficulty_
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -86,17 +87,29 @@ def load_data(script_args: Any, training_args: Any) -> tuple[Any, Any | None]:
     return train, validation
 
 
-def main(script_args: Any, agents_args: Any, training_args: Any) -> list[str]:
+def main(
+    script_args: Any, agents_args: Any, training_args: Any, recipe_path: str | os.PathLike | None = None
+) -> list[str]:
     """
     Train from parsed recipe objects (see [`~ilr.configs.parse_recipe`]).
 
+    Args:
+        script_args, agents_args, training_args:
+            The recipe, parsed.
+        recipe_path (`str` or `os.PathLike`, *optional*):
+            The recipe file, embedded (credentials removed) in the model cards pushed with `push_to_hub`.
+
     Returns:
         `list[str]`: The folders the final models were saved to.
+
+    Raises:
+        `HubUnavailableError`: `push_to_hub` and a push still failed after its retries; the models are saved locally.
     """
     import datasets
     import transformers
     from transformers import set_seed
 
+    from ilr.hub import HubUnavailableError
     from ilr.rewards import get_reward_funcs, shutdown_reward_pool
     from ilr.trainer import ILRTrainer, latest_checkpoint
 
@@ -116,12 +129,6 @@ def main(script_args: Any, agents_args: Any, training_args: Any) -> list[str]:
     logger.info("Agents: %s", [f"{agent.name} ({agent.model_name_or_path})" for agent in agents_args.agents])
     logger.info("Training/evaluation parameters %s", training_args)
     set_seed(training_args.seed)
-    if training_args.push_to_hub and training_args.method == "ilr":
-        logger.warning(
-            "`push_to_hub` is not implemented for `method: ilr` yet: the final models are saved to "
-            "<output_dir>/<agent name>; upload them with `hf upload <agent hub_model_id> <folder>`."
-        )
-
     ###############
     # Checkpoints
     ###############
@@ -142,6 +149,7 @@ def main(script_args: Any, agents_args: Any, training_args: Any) -> list[str]:
     ###############
     # Train
     ###############
+    trainer = None
     try:
         if training_args.method == "grpo":
             return [train_grpo_baseline(agents_args.agents[0], training_args, train_dataset, reward_funcs, resume)]
@@ -160,11 +168,23 @@ def main(script_args: Any, agents_args: Any, training_args: Any) -> list[str]:
         ###############
         # Save the final models, one folder per agent
         ###############
-        folders = [str(folder) for folder in trainer.save_models()]
-        logger.info("Models saved to %s", folders)
+        folders = trainer.save_models()
+        logger.info("Models saved to %s", [str(folder) for folder in folders])
+
+        ###############
+        # Push each agent to its hub_model_id (checkpoints were queued as they were saved)
+        ###############
+        failed = trainer.push_final_models(folders, recipe_path)
         trainer.accelerator.end_training()
-        return folders
+        if failed:
+            raise HubUnavailableError(
+                f"training finished and the models are saved in {[str(f) for f in folders]}, but {len(failed)} Hub "
+                f"push(es) failed; the first: {failed[0]}"
+            )
+        return [str(folder) for folder in folders]
     finally:
+        if trainer is not None:
+            trainer.close_pushers()  # an interrupted run still delivers the checkpoints it queued
         shutdown_reward_pool()
 
 
@@ -184,6 +204,8 @@ def train_grpo_baseline(
 
     if training_args.compute_matched:
         training_args = compute_matched_args(training_args)
+    if training_args.push_to_hub and agent.hub_model_id:
+        training_args = dataclasses.replace(training_args, hub_model_id=agent.hub_model_id)
     trainer = GRPOTrainer(
         model=load_model(agent),
         reward_funcs=reward_funcs,
@@ -196,6 +218,8 @@ def train_grpo_baseline(
     folder = os.path.join(training_args.output_dir, agent.name)
     trainer.save_model(folder)
     logger.info("Model saved to %s", folder)
+    if training_args.push_to_hub:  # TRL's own push: the output folder, its model card, to `hub_model_id`
+        trainer.push_to_hub(tags=["ilr-baseline", "grpo"])
     return folder
 
 
@@ -215,8 +239,6 @@ def compute_matched_args(training_args: Any) -> Any:
     Returns:
         [`~ilr.configs.ILRConfig`]: A copy with `num_generations` and `generation_batch_size` raised.
     """
-    import dataclasses
-
     group, length = training_args.num_generations, training_args.max_completion_length
     analysis_length = training_args.max_analysis_length or length
     budget = 2 * group * length + training_args.analysis_samples * analysis_length  # tokens per question and agent
@@ -256,12 +278,22 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     from ilr.configs import parse_recipe
     from ilr.trainer import TrainingInterrupted
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        main(*parse_recipe(argv))
+        main(*parse_recipe(argv), recipe_path=_config_path(argv))
     except TrainingInterrupted as stop:
         logger.warning("Training %s", stop)
         return 128 + stop.signum
     return 0
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+    for index, arg in enumerate(argv):
+        if arg == "--config" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 # The reward pool starts worker processes with forkserver, which imports this module again: keep the guard.
