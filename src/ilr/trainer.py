@@ -29,7 +29,8 @@ TRL's usual `generation_batch_size = per_device_train_batch_size * gradient_accu
 log-probabilities follow TRL: when the step's completions feed a single optimizer step (one accumulation window,
 `num_iterations == 1`) they are the detached current ones (ratio 1); otherwise later optimizer steps train on
 completions of an earlier policy, so they are computed once, before the first update (TRL computes them when
-`gradient_accumulation_steps % (steps_per_generation * num_iterations) != 0`).
+`gradient_accumulation_steps % (steps_per_generation * num_iterations) != 0`); the first window's come from its own
+training forward pass, which runs before any update.
 
 Determinism: everything random in step s is seeded from `(seed, s)` (question order from `(seed, epoch)`), never from
 the drift of a global RNG, so a run resumed from a checkpoint continues exactly as the uninterrupted one.
@@ -1364,12 +1365,15 @@ class ILRTrainer:
 
         # Computed once, before any update: the sampling policy, when more than one optimizer step trains on these
         # completions (else the detached current log-probs are the same numbers), and the reference policy (beta).
+        # The first window trains before any update of this step: its own forward pass gives its old log-probs, kept
+        # (detached) for the later iterations, so only the later windows need a pass of their own.
         off_policy = args.num_iterations > 1 or len(windows) > 1
+        first_window = set(windows[0]) if windows else set()
         old_logps: list[torch.Tensor | None] = [None] * len(micro_batches)
         ref_logps: list[torch.Tensor | None] = [None] * len(micro_batches)
         with torch.no_grad():
             for index, batch in enumerate(micro_batches):
-                if off_policy:
+                if off_policy and index not in first_window:
                     old_logps[index] = logps_of(model, batch)
                 if args.beta != 0.0:
                     ref_logps[index] = self._ref_logps(agent_index, batch, logps_of)
@@ -1387,6 +1391,8 @@ class ILRTrainer:
                     last = position == len(window) - 1
                     with self._accumulation(model, boundary=last):
                         logps = logps_of(model, batch)
+                        if off_policy and old_logps[index] is None:  # first window, first iteration
+                            old_logps[index] = logps.detach()
                         loss, loss_metrics = grpo_loss(
                             logps,
                             old_logps[index],
