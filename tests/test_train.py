@@ -85,3 +85,15 @@ def test_grpo_baseline_trains_one_model_with_trl(tmp_path, tiny_model_a, caplog,
     trained, initial = load_file(f"{folders[0]}/model.safetensors"), load_file(f"{tiny_model_a}/model.safetensors")
     assert not torch.equal(trained["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
     assert ("compute_matched: 10 completions per question instead of 4" in caplog.text) == compute_matched
+
+
+def test_the_baseline_never_writes_the_hub_token(tmp_path, tiny_model_a, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "")  # restored after the test: the baseline exports the recipe's token there
+    token = "hf_FAKEbaselineTOKEN0123456789abc"
+    recipe = _grpo_recipe(
+        tmp_path, tiny_model_a, hub_token=token, save_strategy="steps", save_steps=1, compute_matched=True
+    )
+    main(*parse_recipe(["--config", recipe, "--output_dir", str(tmp_path / "out")]))
+    written = [path for path in (tmp_path / "out").rglob("*") if path.is_file()]
+    assert any(path.name == "training_args.bin" for path in written)  # the Trainer's pickled arguments
+    assert not [path for path in written if token.encode() in path.read_bytes()]

@@ -204,8 +204,16 @@ def train_grpo_baseline(
 
     if training_args.compute_matched:
         training_args = compute_matched_args(training_args)
+    overrides: dict[str, Any] = {}
     if training_args.push_to_hub and agent.hub_model_id:
-        training_args = dataclasses.replace(training_args, hub_model_id=agent.hub_model_id)
+        overrides["hub_model_id"] = agent.hub_model_id
+    if training_args.hub_token:
+        # The Trainer pickles its arguments into every checkpoint (`training_args.bin`) and pushes them: hand the token
+        # to huggingface_hub through the environment instead, where it is read the same way.
+        os.environ["HF_TOKEN"] = training_args.hub_token
+        overrides["hub_token"] = None
+    if overrides:  # `steps_per_generation` is derived again from `generation_batch_size`
+        training_args = dataclasses.replace(training_args, steps_per_generation=None, **overrides)
     trainer = GRPOTrainer(
         model=load_model(agent),
         reward_funcs=reward_funcs,
