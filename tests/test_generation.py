@@ -732,3 +732,132 @@ def test_server_weight_sync(fake_client, tiny_model_a, peft):
     assert metadata == [(name, "float32", list(tensor.shape)) for name, tensor in sent]
     backend.close()
     assert client.calls[-1] == ("close_communicator",)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers backend: shared prompt prefill
+# ---------------------------------------------------------------------------------------------------------------------
+LONG_QUESTION = "Find the smallest value of x such that the sum of its digits is prime, and explain each step."
+
+
+class ForwardShapes:
+    """Records `(rows, columns)` of the `input_ids` of every forward pass of `model` while the block runs."""
+
+    def __init__(self, model):
+        self.model = model
+        self.shapes: list[tuple[int, int]] = []
+
+    def __enter__(self) -> list[tuple[int, int]]:
+        def record(module, args, kwargs):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            self.shapes.append(tuple(input_ids.shape))
+
+        self.handle = self.model.register_forward_pre_hook(record, with_kwargs=True)
+        return self.shapes
+
+    def __exit__(self, *exc_info) -> None:
+        self.handle.remove()
+
+
+def prompt_rows(shapes: list[tuple[int, int]]) -> int:
+    """Rows of all forward passes that ran more than one position: the prompt rows the model computed."""
+    return sum(rows for rows, columns in shapes if columns > 1)
+
+
+@pytest.mark.parametrize(
+    ("max_batch_size", "temperature", "top_p", "top_k"),
+    [(None, 0.7, 1.0, 0), (None, 1.3, 0.9, 20), (5, 0.7, 0.95, 10), (3, 1.0, 1.0, 0)],
+)
+def test_shared_prefill_gives_the_completions_of_repeated_prompts(
+    agent_parts, max_batch_size, temperature, top_p, top_k
+):
+    """Same seed, same batch layout: sharing each prompt's prefill must not change a single sampled token."""
+    _, _, tokenizer, model = agent_parts
+    prompts = chat([*QUESTIONS, LONG_QUESTION])  # prompts of different lengths: left padding is exercised
+    params = SamplingParams(n=4, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=10, seed=11)
+    repeated_backend = TransformersBackend(model, tokenizer, max_batch_size=max_batch_size, share_prompt_prefill=False)
+    shared_backend = TransformersBackend(model, tokenizer, max_batch_size=max_batch_size)
+    with ForwardShapes(model) as repeated_shapes:
+        repeated = repeated_backend.generate(prompts, params)
+    with ForwardShapes(model) as shared_shapes:
+        shared = shared_backend.generate(prompts, params)
+
+    # The shared path ran (chunks of 5 or 3 cut groups, and a chunk of one sample has nothing to share).
+    assert prompt_rows(repeated_shapes) == len(prompts) * params.n
+    assert prompt_rows(shared_shapes) < prompt_rows(repeated_shapes)
+    assert shared.prompt_ids == repeated.prompt_ids
+    for prompt_ids, group_shared, group_repeated in zip(shared.prompt_ids, shared.completions, repeated.completions):
+        for a, b in zip(group_shared, group_repeated):
+            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason and a.text == b.text
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+            expected = recomputed_logprobs(model, prompt_ids, a.token_ids, temperature)
+            torch.testing.assert_close(torch.tensor(a.logprobs), expected, atol=LOGPROB_ATOL, rtol=0)
+    assert len({tuple(c.token_ids) for c in shared.completions[0]}) > 1, "the n samples of a prompt should differ"
+
+
+def test_shared_prefill_runs_each_prompt_once(agent_parts):
+    _, _, tokenizer, model = agent_parts
+    backend = TransformersBackend(model, tokenizer, max_batch_size=None)
+    prompts = chat([*QUESTIONS, LONG_QUESTION])
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=5, seed=0)
+    with ForwardShapes(model) as shapes:
+        output = backend.generate(prompts, params)
+    width = max(len(ids) for ids in output.prompt_ids)
+    # One pass over the distinct prompts without their last token, then `generate`: that token, then one per step.
+    assert shapes == [(len(prompts), width - 1)] + [(len(prompts) * params.n, 1)] * params.max_new_tokens
+
+
+def test_shared_prefill_is_skipped_where_nothing_is_shared(agent_parts):
+    _, _, tokenizer, model = agent_parts
+    backend = TransformersBackend(model, tokenizer, max_batch_size=None)
+    prompts = chat(QUESTIONS)
+    width = max(len(ids) for ids in backend.encode_prompts(prompts))
+    for params in (
+        SamplingParams(n=1, temperature=1.0, max_new_tokens=3, seed=0),
+        SamplingParams(n=3, temperature=0.0, max_new_tokens=3),  # greedy: each prompt decoded once
+    ):
+        with ForwardShapes(model) as shapes:
+            backend.generate(prompts, params)
+        assert shapes[0] == (len(prompts), width)
+
+
+def test_shared_prefill_needs_a_plain_full_attention_cache(agent_parts, monkeypatch):
+    _, _, tokenizer, model = agent_parts
+    backend = TransformersBackend(model, tokenizer)
+    params = SamplingParams(n=2, max_new_tokens=4, seed=0)
+    assert backend._can_share_prefill(backend._generation_config(params))
+    monkeypatch.setattr(model.generation_config, "cache_implementation", "static")
+    assert not backend._can_share_prefill(backend._generation_config(params))
+    monkeypatch.undo()
+    chunked = TransformersBackend(model, tokenizer, generation_kwargs={"prefill_chunk_size": 4})
+    assert not chunked._can_share_prefill(chunked._generation_config(params))
+
+
+def test_shared_prefill_falls_back_on_sliding_window_models(tiny_model_a):
+    """A sliding-window cache keeps only the window: the backend must run every sample's prompt itself."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = load_tokenizer(AgentConfig(model_name_or_path=tiny_model_a))
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,  # shorter than the prompts
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = MistralForCausalLM(config).eval()
+    backend = TransformersBackend(model, tokenizer)
+    params = SamplingParams(n=2, temperature=0.8, max_new_tokens=6, seed=4)
+    assert not backend._can_share_prefill(backend._generation_config(params))
+    prompts = chat(QUESTIONS[:2])
+    with ForwardShapes(model) as shapes:
+        output = backend.generate(prompts, params)
+    assert prompt_rows(shapes) == len(prompts) * params.n
+    reference = TransformersBackend(model, tokenizer, share_prompt_prefill=False).generate(prompts, params)
+    assert [[c.token_ids for c in g] for g in output.completions] == [
+        [c.token_ids for c in g] for g in reference.completions
+    ]

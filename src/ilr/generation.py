@@ -369,10 +369,26 @@ class TransformersBackend(GenerationBackend):
     Generation with `model.generate` on the training model itself (no copy, no weight sync).
 
     All `len(prompts) * n` sequences go through `generate` together, left-padded, in chunks of at most
-    `max_batch_size` sequences. Each prompt is repeated `n` times rather than passed with `num_return_sequences`:
-    transformers expands the batch the same way internally (no prefix sharing), so speed is the same, and repeating
-    lets chunks be cut at any sequence. When there are several chunks, sequences are sorted by prompt length so that
-    each chunk carries little padding. Greedy calls decode each prompt once and copy it `n` times.
+    `max_batch_size` sequences. Each prompt is repeated `n` times rather than passed with `num_return_sequences`, so
+    that chunks can be cut at any sequence. When there are several chunks, sequences are sorted by prompt length so
+    that each chunk carries little padding. Greedy calls decode each prompt once and copy it `n` times.
+
+    Shared prefill: `generate` would run every prompt `n` times through the model before sampling (transformers
+    expands `num_return_sequences` the same way, with no prefix sharing), and Idea3's prompts, which carry the peers'
+    texts, are long. Instead, the distinct prompts of a chunk run once, without their last token, with
+    `use_cache=True`; their KV cache is repeated to the prompts' samples and handed to `generate`, which then runs
+    only the last prompt token and the new ones:
+
+    ```
+    repeated:   [pad p1 p2 p3] x n rows                      -> generate
+    shared:     [pad p1 p2]    x 1 row -> cache x n rows, [pad p1 p2 p3] x n rows -> generate (computes p3 onwards)
+    ```
+
+    Positions and masks are those `generate` uses, and the batch, hence the random numbers each sequence draws, is
+    the same, so the completions are those of the repeated prompts (logprobs equal up to rounding, < 1e-6 in fp32).
+    This needs a cache of every prompt position's keys and values: a plain `DynamicCache` of full-attention layers,
+    as in [`~ilr.grpo.grouped_per_token_logps`]. Models with sliding-window, chunked, linear-attention or static
+    caches, a `prefill_chunk_size`, and calls with one sample per prompt (`n=1`, greedy) take the repeated path.
 
     Logprobs are read during decoding by a logits processor (the model's logits of each step, divided by the
     temperature, log-softmaxed, at the token then sampled): no second forward pass and no stored logits. They match
@@ -397,6 +413,9 @@ class TransformersBackend(GenerationBackend):
         generation_kwargs (`dict`, *optional*):
             Extra `GenerationConfig` fields for every call (e.g. `sequence_bias`), like TRL's `generation_kwargs`.
             Processors they add act before the logprobs are read, so logprobs describe the distribution sampled from.
+        share_prompt_prefill (`bool`, *optional*, defaults to `True`):
+            Run each distinct prompt of a chunk once and share its KV cache among its samples, where the model's cache
+            allows it (see above); `False` always runs every sample's prompt (the reference path, for tests).
     """
 
     def __init__(
@@ -407,6 +426,7 @@ class TransformersBackend(GenerationBackend):
         name: str | None = None,
         max_batch_size: int | None = 64,
         generation_kwargs: dict[str, Any] | None = None,
+        share_prompt_prefill: bool = True,
     ):
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"`max_batch_size` must be >= 1 or None (got {max_batch_size}).")
@@ -415,6 +435,7 @@ class TransformersBackend(GenerationBackend):
         self.model = model
         self.max_batch_size = max_batch_size
         self.generation_kwargs = dict(generation_kwargs or {})
+        self.share_prompt_prefill = share_prompt_prefill
         pad = tokenizer.pad_token_id
         self.pad_token_id = self.eos_token_ids[0] if pad is None else pad
 
@@ -477,6 +498,7 @@ class TransformersBackend(GenerationBackend):
         if len(order) > chunk:
             order.sort(key=lambda s: len(prompt_ids[owners[s]]))
         results: list[tuple[list[int], list[float]] | None] = [None] * len(owners)
+        share_prefill = copies > 1 and self.share_prompt_prefill and self._can_share_prefill(config)
 
         was_training = model.training
         seeded = contextlib.nullcontext()
@@ -491,7 +513,8 @@ class TransformersBackend(GenerationBackend):
             try:
                 for begin in range(0, len(order), chunk):
                     batch = order[begin : begin + chunk]
-                    rows = self._generate_batch([prompt_ids[owners[s]] for s in batch], config, params, device)
+                    prompts = [prompt_ids[owners[s]] for s in batch]
+                    rows = self._generate_batch(prompts, config, params, device, share_prefill=share_prefill)
                     for s, row in zip(batch, rows):
                         results[s] = row
             finally:
@@ -503,8 +526,82 @@ class TransformersBackend(GenerationBackend):
         ]
         return GenerationOutput(prompt_ids=prompt_ids, completions=completions)
 
+    def _can_share_prefill(self, config: Any) -> bool:
+        """Whether `generate` on this model can start from a prompt cache computed here and expanded."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        model_config = getattr(self.model, "config", None)
+        if model_config is None or getattr(model_config, "is_encoder_decoder", False):
+            return False
+        # `generate` rejects a cache passed with `cache_implementation` and ignores it with `prefill_chunk_size`; the
+        # model's generation config fills the fields a call leaves unset.
+        for generation_config in (config, getattr(self.model, "generation_config", None)):
+            if getattr(generation_config, "cache_implementation", None) is not None:
+                return False
+            if getattr(generation_config, "prefill_chunk_size", None) is not None:
+                return False
+        try:
+            cache = DynamicCache(config=model_config.get_text_config(decoder=True))
+        except Exception:  # a configuration DynamicCache cannot read: not a model this was written for
+            return False
+        return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    def _shared_prompt_cache(
+        self, prompts: list[list[int]], input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> Any:
+        """
+        The KV cache of every row of the left-padded `input_ids` but its last column, each run of identical
+        consecutive prompts computed once and repeated to its rows; `None` when nothing would be shared or the
+        model's cache cannot be expanded (the caller then lets `generate` run the prompts itself).
+        """
+        import torch
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        firsts = [row for row in range(len(prompts)) if row == 0 or prompts[row] != prompts[row - 1]]
+        width = input_ids.shape[1]
+        # A one-token prompt would leave a row of padding only: run such a batch as it is.
+        if len(firsts) == len(prompts) or min(len(ids) for ids in prompts) < 2:
+            return None
+        counts = [end - begin for begin, end in zip(firsts, [*firsts[1:], len(prompts)])]
+        mask = attention_mask[firsts, :-1]
+        # `generate`'s positions: counted over the attention mask, 0 on the padding.
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        outputs = self.model(
+            input_ids=input_ids[firsts, :-1],
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = outputs.past_key_values
+        if (
+            not isinstance(cache, DynamicCache)
+            or not all(type(layer) is DynamicLayer for layer in cache.layers)
+            or cache.get_seq_length() != width - 1
+        ):
+            logger.warning(
+                "Agent `%s`: the model returned a %s, which cannot be shared among samples; every sample's prompt is "
+                "run instead.",
+                self.name,
+                type(cache).__name__,
+            )
+            return None
+        repeats = torch.tensor(counts, device=input_ids.device)
+        for layer in cache.layers:
+            layer.keys = layer.keys.repeat_interleave(repeats, dim=0, output_size=len(prompts))
+            layer.values = layer.values.repeat_interleave(repeats, dim=0, output_size=len(prompts))
+        return cache
+
     def _generate_batch(
-        self, prompts: list[list[int]], config: Any, params: SamplingParams, device: torch.device
+        self,
+        prompts: list[list[int]],
+        config: Any,
+        params: SamplingParams,
+        device: torch.device,
+        *,
+        share_prefill: bool = False,
     ) -> list[tuple[list[int], list[float]]]:
         import torch
         from transformers import LogitsProcessorList
@@ -515,12 +612,21 @@ class TransformersBackend(GenerationBackend):
         for row, ids in enumerate(prompts):
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        prompt_cache = {}
+        if share_prefill:
+            # Given a cache of all but the last prompt column and the full prompts, `generate` runs the last column
+            # onwards (it slices `input_ids` past the cache's length and takes the positions of the full mask).
+            shared = self._shared_prompt_cache(prompts, input_ids, attention_mask)
+            if shared is not None:
+                prompt_cache["past_key_values"] = shared
         recorder = _SampledTokenLogprobs(1.0 if params.greedy else params.temperature)
         sequences = self.model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             generation_config=config,
             logits_processor=LogitsProcessorList([recorder]),
+            **prompt_cache,
         )
         new_tokens = sequences[:, width:]
         logprobs = recorder.result(new_tokens)
