@@ -5,6 +5,7 @@ only when a fixture needs them.
 """
 
 import contextlib
+import logging
 import os
 import random
 import sys
@@ -34,6 +35,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     _network_guard.close()
+
+
+@pytest.fixture(autouse=True)
+def _restore_ilr_log_levels():
+    """`ilr.train.main` sets the level of the `ilr` loggers from the recipe's `log_level`, as a script should; undo it
+    after each test, or a later test's `caplog` misses warnings."""
+    loggers = [logging.getLogger(name) for name in ("ilr", "ilr.train")]
+    levels = [logger.level for logger in loggers]
+    yield
+    for logger, level in zip(loggers, levels):
+        logger.setLevel(level)
 
 
 @pytest.fixture(autouse=True)
