@@ -1,6 +1,6 @@
 # ILR recipe repository. `make test` sets everything up on a fresh machine, then runs the offline suite.
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow quality style clean evaluate train bench
+.PHONY: help install test test-slow quality style clean evaluate train demo bench
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -66,6 +66,12 @@ $(DEMO_MODEL)/model.safetensors: | $(TRAIN_STAMP)
 train: $(TRAIN_STAMP) $(if $(USES_DEMO_MODEL),$(DEMO_MODEL)/model.safetensors)  ## train a recipe: make train [RECIPE=recipes/.../config.yaml] [ACCELERATE_CONFIG=...] [ARGS=...]
 	$(if $(USES_DEMO_MODEL),$(OFFLINE)) $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
 		src/ilr/train.py --config $(RECIPE) $(ARGS)
+
+# The offline demo: both agents evaluated alone on held-out arithmetic, trained together with ILR, evaluated again;
+# prints the before/after table. DEMO_ARGS: e.g. --quick (a few steps and questions), --output_dir, --max_steps.
+DEMO_RECIPE ?= recipes/demo/ilr/config_smollm2_demo.yaml
+demo: $(TRAIN_STAMP) $(DEMO_MODEL)/model.safetensors  ## the offline demo that learns: before/after table (2 CPU cores)
+	$(OFFLINE) $(PY) -m ilr.demo --config $(DEMO_RECIPE) $(DEMO_ARGS)
 
 # BENCH_ARGS: e.g. --repeats 5, --quick, --profile; see benchmarks/README.md. One torch thread: both sides alike.
 bench: $(STAMP)  ## ILR vs plain TRL GRPO, time per generated token, side by side (CPU, ~3 min)

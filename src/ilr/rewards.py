@@ -152,6 +152,21 @@ def _is_numeric_literal(text: str) -> bool:
     return _numeric_core(text) is not None
 
 
+def is_numeric_answer(boxed_content: str | None) -> bool:
+    """
+    Whether a `\\boxed{}` content is a numeric answer as the accuracy reward requires for a numeric gold: a number,
+    possibly after `=` (`38`, `17+21=38`), not an expression (`17+21`) nor empty.
+
+    Args:
+        boxed_content (`str` or `None`):
+            The content of the last `\\boxed{}` ([`extract_boxed`]), `None` when there is none.
+
+    Returns:
+        `bool`
+    """
+    return bool(boxed_content) and _numeric_core(boxed_content.rsplit("=", 1)[-1]) is not None
+
+
 def _completion_text(completion: Any) -> str | None:
     """The text to score: a plain string, or the content of the last assistant message of a conversation."""
     if isinstance(completion, str):
