@@ -73,6 +73,9 @@ class Idea3Settings:
             of a debate or single-agent run.
         analysis_samples (`int`, *optional*, defaults to `1`):
             Analyses per agent and question; the first one is shown to the peers.
+        fuse_samples (`int`, *optional*):
+            Final answers per agent and question in the fuse stage; defaults to `num_generations`. Nothing reads the
+            fuse answers but the loss and the metrics, so a trainer that does not train the stage samples one.
         temperature (`float`, *optional*, defaults to `1.0`):
             Sampling temperature of every stage (`0.0`: greedy).
         top_p (`float`, *optional*, defaults to `1.0`):
@@ -96,6 +99,7 @@ class Idea3Settings:
 
     num_generations: int = 4
     analysis_samples: int = 1
+    fuse_samples: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -109,11 +113,19 @@ class Idea3Settings:
     def __post_init__(self):
         if self.max_analysis_length is None:
             self.max_analysis_length = self.max_completion_length
+        if self.fuse_samples is None:
+            self.fuse_samples = self.num_generations
         if self.share_selection not in _SHARE_SELECTIONS:
             raise ValueError(
                 f"`share_selection` must be one of {list(_SHARE_SELECTIONS)} (got {self.share_selection!r})."
             )
-        for key in ("num_generations", "analysis_samples", "max_completion_length", "max_analysis_length"):
+        for key in (
+            "num_generations",
+            "analysis_samples",
+            "fuse_samples",
+            "max_completion_length",
+            "max_analysis_length",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"`{key}` must be >= 1 (got {getattr(self, key)}).")
         # The truncation keeps a head and a tail of the text; below 2 tokens there is nothing useful to keep.
@@ -578,6 +590,7 @@ def run_idea3(
     modes = np.where(coop_mask, "cooperate", "compete")
     answer_params = _sampling_params(settings, settings.num_generations, settings.max_completion_length)
     analysis_params = _sampling_params(settings, settings.analysis_samples, settings.max_analysis_length)
+    fuse_params = _sampling_params(settings, settings.fuse_samples, settings.max_completion_length)
 
     # Share: the plain single-agent prompt, identical to the evaluation prompt.
     share_prompts = [_single_prompt(question, settings) for question in questions]
@@ -595,7 +608,7 @@ def run_idea3(
         _run_stage(transcript, "analyse", i, agent, prompts, analysis_params, rng, modes=modes[:, i])
     analyses = _select_shown(transcript, "analyse", "first", rng)
 
-    # Fuse: every idea and every shown analysis; all G samples of a question share this one prompt.
+    # Fuse: every idea and every shown analysis; all samples of a question share this one prompt.
     for i, agent in enumerate(agents):
         prompts = []
         for q, question in enumerate(questions):
@@ -608,7 +621,7 @@ def run_idea3(
                 "peer_analyses": peer_analyses,
             }
             prompts.append(_stage_prompt(question, "fuse", modes[q, i], i, len(agents), fields, settings))
-        _run_stage(transcript, "fuse", i, agent, prompts, answer_params, rng, modes=modes[:, i])
+        _run_stage(transcript, "fuse", i, agent, prompts, fuse_params, rng, modes=modes[:, i])
     return transcript
 
 

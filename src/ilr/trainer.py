@@ -559,6 +559,8 @@ class ILRTrainer:
         self.questions_per_process = self.questions_per_step // self.accelerator.num_processes
         self.num_training_steps = self._num_training_steps()
         self.idea3_settings = Idea3Settings.from_config(args, system_prompt=system_prompt)
+        if "fuse" not in args.train_stages:  # its answers only feed the metrics: one per agent and question will do
+            self.idea3_settings.fuse_samples = 1
         self.sampler = QuestionSampler(len(self.train_rows), args.seed)
 
         self.tokenizers = self._load_tokenizers(tokenizers)
