@@ -38,14 +38,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _restore_ilr_log_levels():
-    """`ilr.train.main` sets the level of the `ilr` loggers from the recipe's `log_level`, as a script should; undo it
-    after each test, or a later test's `caplog` misses warnings."""
-    loggers = [logging.getLogger(name) for name in ("ilr", "ilr.train")]
-    levels = [logger.level for logger in loggers]
+def _restore_ilr_loggers():
+    """`ilr.train.main` sets the `ilr` loggers' level from the recipe's `log_level`, as a script should, and libraries may
+    reconfigure logging; undo it after each test, or a later test's `caplog` misses warnings."""
+    manager = logging.root.manager
+    names = ["ilr", *(name for name in manager.loggerDict if name.startswith("ilr."))]
+    saved = {name: (logging.getLogger(name).level, logging.getLogger(name).disabled) for name in names}
     yield
-    for logger, level in zip(loggers, levels):
-        logger.setLevel(level)
+    for name in manager.loggerDict:
+        if name == "ilr" or name.startswith("ilr."):
+            logger = logging.getLogger(name)
+            logger.setLevel(saved.get(name, (logging.NOTSET, False))[0])
+            logger.disabled = saved.get(name, (logging.NOTSET, False))[1]
 
 
 @pytest.fixture(autouse=True)
