@@ -71,6 +71,10 @@ def test_compute_matched_gives_the_baseline_an_ilr_agents_token_budget(tmp_path)
 
     _, _, even = parse_recipe(["--config", recipe, "--per_device_train_batch_size", "2"])
     assert compute_matched_args(even).num_generations == 9  # ceil(68 / 8); 2 questions x 9 split into micro-batches
+    _, _, share_only = parse_recipe(
+        ["--config", recipe, "--per_device_train_batch_size", "2", "--train_stages", "share"]
+    )
+    assert compute_matched_args(share_only).num_generations == 6  # 4 share + 1 fuse + 1 analysis of half length
 
 
 @pytest.mark.parametrize("compute_matched", [False, True], ids=["plain", "compute_matched"])

@@ -318,9 +318,10 @@ class ILRConfig(GRPOConfig):
         `ilr` trains all agents together; `grpo` trains a single agent with TRL's `GRPOTrainer` on the same data,
         prompt and rewards (the baseline).
     compute_matched (`bool`, *optional*, defaults to `False`):
-        For `method: grpo`: sample as many completions per question as an ILR agent generates (`num_generations`
-        for share and fuse plus `analysis_samples`), so the baseline gets the same generated-token budget per
-        question. Multiplies `num_generations` and `generation_batch_size` accordingly.
+        For `method: grpo`: sample as many completions per question as an ILR agent generates with the same
+        `train_stages` (`num_generations` for share and for a trained fuse stage, `analysis_samples` analyses), so the
+        baseline gets the same generated-token budget per question. Raises `num_generations` and
+        `generation_batch_size` accordingly (see `ilr.train.compute_matched_args`).
 
     > Parameters that control Dynamic Interaction (IRT)
 

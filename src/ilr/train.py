@@ -235,10 +235,11 @@ def compute_matched_args(training_args: Any) -> Any:
     """
     The baseline's settings with as large a completion budget per question as one ILR agent gets.
 
-    An ILR agent generates, per question, `num_generations` share and fuse completions of up to
-    `max_completion_length` tokens plus `analysis_samples` analyses of up to `max_analysis_length`: the baseline samples
-    that many tokens' worth of completions instead (rounded up so that the generation batch still splits into
-    micro-batches of `per_device_train_batch_size` on every process). The number of questions per step is unchanged.
+    An ILR agent generates, per question, `num_generations` share completions and as many fuse completions (one when
+    `fuse` is not in `train_stages`) of up to `max_completion_length` tokens, plus `analysis_samples` analyses of up to
+    `max_analysis_length`: the baseline samples that many tokens' worth of completions instead (rounded up so that the
+    generation batch still splits into micro-batches of `per_device_train_batch_size` on every process). The number of
+    questions per step is unchanged; write the ILR recipe's `train_stages` and lengths into the baseline's recipe.
 
     Args:
         training_args ([`~ilr.configs.ILRConfig`]):
@@ -249,7 +250,8 @@ def compute_matched_args(training_args: Any) -> Any:
     """
     group, length = training_args.num_generations, training_args.max_completion_length
     analysis_length = training_args.max_analysis_length or length
-    budget = 2 * group * length + training_args.analysis_samples * analysis_length  # tokens per question and agent
+    fuse = group if "fuse" in training_args.train_stages else 1  # as `ILRTrainer` samples it
+    budget = (group + fuse) * length + training_args.analysis_samples * analysis_length  # per question and agent
     questions = training_args.generation_batch_size // group
     micro_batch = training_args.per_device_train_batch_size * training_args.world_size
     matched = math.ceil(budget / length)
