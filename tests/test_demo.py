@@ -18,6 +18,7 @@ from ilr.demo import (
     read_reward_curves,
     render_reward_curves,
 )
+from test_trainer import CPU_RUN
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,12 +188,7 @@ def _tiny_recipe(tmp_path: Path, model_a: str, model_b: str) -> Path:
         "max_steps": 5,
         "logging_steps": 1,
         "save_strategy": "no",
-        "use_cpu": True,
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "report_to": "none",
-        "disable_tqdm": True,
-        "seed": 0,
+        **CPU_RUN,
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))

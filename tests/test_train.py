@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from ilr.configs import parse_recipe
 from ilr.rewards import REWARD_FUNCS
 from ilr.train import compute_matched_args, main
-from test_trainer import digits_reward, toy_rows
+from test_trainer import CPU_RUN, digits_reward, toy_rows
 
 
 def conversational_digits_reward(completions, **kwargs):
@@ -46,12 +46,7 @@ def _grpo_recipe(tmp_path, model: str, **overrides) -> str:
         "loss_type": "dapo",
         "max_steps": 2,
         "save_strategy": "no",
-        "use_cpu": True,
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "report_to": "none",
-        "disable_tqdm": True,
-        "seed": 0,
+        **CPU_RUN,
         **overrides,
     }
     path = tmp_path / "recipe.yaml"

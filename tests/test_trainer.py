@@ -36,6 +36,17 @@ def some_unscored_reward(completions, **kwargs):
     return [None if i % 3 == 0 else 1.0 for i in range(len(completions))]
 
 
+# Recipe settings of every test run: CPU, fp32, no trackers, seeded.
+CPU_RUN = {
+    "use_cpu": True,
+    "bf16": False,
+    "gradient_checkpointing": False,
+    "report_to": "none",
+    "disable_tqdm": True,
+    "seed": 0,
+}
+
+
 def toy_rows(count: int = 12) -> list[dict]:
     return [
         {"id": str(i), "problem": f"What is {i} + {i + 1}?", "answer": str(2 * i + 1), "tests": [], "setup": "",
@@ -328,12 +339,7 @@ def _kill_recipe(tmp_path, model_a, model_b) -> Path:
         "save_steps": 2,
         "save_total_limit": 2,
         "logging_steps": 1,
-        "use_cpu": True,
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "report_to": "none",
-        "disable_tqdm": True,
-        "seed": 0,
+        **CPU_RUN,
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
