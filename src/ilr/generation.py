@@ -528,12 +528,8 @@ class TransformersBackend(GenerationBackend):
 
     def _can_share_prefill(self, config: Any) -> bool:
         """Whether `generate` on this model can start from a prompt cache computed here and expanded."""
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
+        from ilr.models import has_expandable_cache
 
-        model_config = getattr(self.model, "config", None)
-        if model_config is None or getattr(model_config, "is_encoder_decoder", False):
-            return False
         # `generate` rejects a cache passed with `cache_implementation` and ignores it with `prefill_chunk_size`; the
         # model's generation config fills the fields a call leaves unset.
         for generation_config in (config, getattr(self.model, "generation_config", None)):
@@ -541,11 +537,7 @@ class TransformersBackend(GenerationBackend):
                 return False
             if getattr(generation_config, "prefill_chunk_size", None) is not None:
                 return False
-        try:
-            cache = DynamicCache(config=model_config.get_text_config(decoder=True))
-        except Exception:  # a configuration DynamicCache cannot read: not a model this was written for
-            return False
-        return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+        return has_expandable_cache(self.model)
 
     def _shared_prompt_cache(
         self, prompts: list[list[int]], input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -556,8 +548,8 @@ class TransformersBackend(GenerationBackend):
         model's cache cannot be expanded (the caller then lets `generate` run the prompts itself).
         """
         import torch
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
+
+        from ilr.models import is_expandable_cache, repeat_cache_rows
 
         firsts = [row for row in range(len(prompts)) if row == 0 or prompts[row] != prompts[row - 1]]
         width = input_ids.shape[1]
@@ -576,11 +568,7 @@ class TransformersBackend(GenerationBackend):
             logits_to_keep=1,
         )
         cache = outputs.past_key_values
-        if (
-            not isinstance(cache, DynamicCache)
-            or not all(type(layer) is DynamicLayer for layer in cache.layers)
-            or cache.get_seq_length() != width - 1
-        ):
+        if not is_expandable_cache(cache, width - 1):
             logger.warning(
                 "Agent `%s`: the model returned a %s, which cannot be shared among samples; every sample's prompt is "
                 "run instead.",
@@ -588,10 +576,7 @@ class TransformersBackend(GenerationBackend):
                 type(cache).__name__,
             )
             return None
-        repeats = torch.tensor(counts, device=input_ids.device)
-        for layer in cache.layers:
-            layer.keys = layer.keys.repeat_interleave(repeats, dim=0, output_size=len(prompts))
-            layer.values = layer.values.repeat_interleave(repeats, dim=0, output_size=len(prompts))
+        repeat_cache_rows(cache, torch.tensor(counts, device=input_ids.device), len(prompts))
         return cache
 
     def _generate_batch(

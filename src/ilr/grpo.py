@@ -176,19 +176,9 @@ def supports_grouped_logps(model: torch.nn.Module) -> bool:
     Returns:
         `bool`: `True` when the prompt's KV cache can be computed once and expanded.
     """
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+    from ilr.models import has_expandable_cache
 
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        return False
-    if getattr(model, "is_gradient_checkpointing", False):
-        return False
-    try:
-        cache = DynamicCache(config=config)
-    except Exception:  # a configuration DynamicCache cannot read: not a model this was written for
-        return False
-    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+    return not getattr(model, "is_gradient_checkpointing", False) and has_expandable_cache(model)
 
 
 def grouped_per_token_logps(
@@ -242,8 +232,7 @@ def grouped_per_token_logps(
     Returns:
         `torch.Tensor` of shape `(B, T)`: Per-token log-probabilities in float32, differentiable w.r.t. the model.
     """
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+    from ilr.models import is_expandable_cache, repeat_cache_rows
 
     num_prompts, prompt_width = prompt_ids.shape
     batch, width = completion_ids.shape
@@ -268,11 +257,7 @@ def grouped_per_token_logps(
         logits_to_keep=1,
     )
     cache = prompt_outputs.past_key_values
-    if (
-        not isinstance(cache, DynamicCache)
-        or not all(type(layer) is DynamicLayer for layer in cache.layers)
-        or cache.get_seq_length() != prompt_width
-    ):
+    if not is_expandable_cache(cache, prompt_width):
         raise ValueError(
             f"The prompt forward returned a cache that cannot be expanded to the completions ({type(cache).__name__}, "
             "e.g. gradient checkpointing disables the cache in training, or sliding-window layers); check "
@@ -281,9 +266,7 @@ def grouped_per_token_logps(
     # The last prompt position predicts the first completion token.
     logits = prompt_outputs.logits[:, -1:].repeat_interleave(repeats, dim=0, output_size=batch)
     if width > 1:
-        for layer in cache.layers:
-            layer.keys = layer.keys.repeat_interleave(repeats, dim=0, output_size=batch)
-            layer.values = layer.values.repeat_interleave(repeats, dim=0, output_size=batch)
+        repeat_cache_rows(cache, repeats, batch)
         attention_mask = torch.cat(
             [prompt_mask.repeat_interleave(repeats, dim=0, output_size=batch), completion_mask[:, :-1]], dim=1
         )

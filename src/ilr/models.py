@@ -238,3 +238,73 @@ def model_family(model_or_config: PreTrainedModel | PretrainedConfig | Any) -> s
         raise ValueError(f"Cannot tell the model family of {type(model_or_config).__name__}: no `model_type`.")
     match = re.match(r"[a-z]+", model_type.lower())
     return match.group(0) if match else model_type.lower()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A prompt's KV cache, computed once and shared by the samples that continue it (generation and the GRPO update)
+# ---------------------------------------------------------------------------------------------------------------------
+def has_expandable_cache(model: Any) -> bool:
+    """
+    Whether `model` is a decoder whose cache is a plain `DynamicCache` of full-attention layers: one holding every prompt
+    position's keys and values, which can be repeated along the batch for the samples that share the prompt.
+    Sliding-window, chunked, linear-attention or quantized cache layers keep something else.
+
+    Args:
+        model:
+            A transformers model (a PEFT model is fine), unwrapped from any distributed wrapper.
+
+    Returns:
+        `bool`
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    try:
+        cache = DynamicCache(config=config.get_text_config(decoder=True))
+    except Exception:  # a configuration DynamicCache cannot read: not a model this was written for
+        return False
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def is_expandable_cache(cache: Any, length: int) -> bool:
+    """
+    Whether a cache returned by a prompt forward pass is a full-attention `DynamicCache` of exactly `length` positions.
+
+    Args:
+        cache:
+            The forward pass's `past_key_values`.
+        length (`int`):
+            The prompt width the pass ran on.
+
+    Returns:
+        `bool`
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return (
+        isinstance(cache, DynamicCache)
+        and all(type(layer) is DynamicLayer for layer in cache.layers)
+        and cache.get_seq_length() == length
+    )
+
+
+def repeat_cache_rows(cache: Any, repeats: torch.Tensor, rows: int) -> None:
+    """
+    Repeat, in place and differentiably, each prompt row of a cache checked with [`is_expandable_cache`] for the
+    samples that continue it.
+
+    Args:
+        cache (`DynamicCache`):
+            One row per prompt.
+        repeats (`torch.Tensor`):
+            Samples per prompt row, on the cache's device.
+        rows (`int`):
+            `repeats.sum()`, given so that no device synchronisation is needed.
+    """
+    for layer in cache.layers:
+        layer.keys = layer.keys.repeat_interleave(repeats, dim=0, output_size=rows)
+        layer.values = layer.values.repeat_interleave(repeats, dim=0, output_size=rows)
