@@ -52,6 +52,7 @@ record = {{
 }}
 with open(f"{{output_dir}}/rank{{rank}}.json", "w") as handle:
     json.dump(record, handle)
+trainer.end_training()  # as `ilr train` does; without it, exit could abort (SIGABRT) in gloo's threads
 """
 
 

@@ -111,7 +111,7 @@ def main(
 
     from ilr.hub import HubUnavailableError
     from ilr.rewards import get_reward_funcs, shutdown_reward_pool
-    from ilr.trainer import ILRTrainer, latest_checkpoint
+    from ilr.trainer import ILRTrainer, TrainingInterrupted, latest_checkpoint
 
     ###############
     # Setup logging
@@ -162,7 +162,11 @@ def main(
             dataset_name=script_args.dataset_name,
             data_files=script_args.data_files,
         )
-        metrics = trainer.train(resume_from_checkpoint=resume)
+        try:
+            metrics = trainer.train(resume_from_checkpoint=resume)
+        except TrainingInterrupted:
+            trainer.end_training()  # every process stopped at the same step, after the same checkpoint
+            raise
         logger.info("Last step: reward %.4f", metrics.get("train/reward", float("nan")))
 
         ###############
@@ -175,7 +179,7 @@ def main(
         # Push each agent to its hub_model_id (checkpoints were queued as they were saved)
         ###############
         failed = trainer.push_final_models(folders, recipe_path)
-        trainer.accelerator.end_training()
+        trainer.end_training()
         if failed:
             raise HubUnavailableError(
                 f"training finished and the models are saved in {[str(f) for f in folders]}, but {len(failed)} Hub "
@@ -228,6 +232,7 @@ def train_grpo_baseline(
     logger.info("Model saved to %s", folder)
     if training_args.push_to_hub:  # TRL's own push: the output folder, its model card, to `hub_model_id`
         trainer.push_to_hub(tags=["ilr-baseline", "grpo"])
+    trainer.accelerator.end_training()  # as `ILRTrainer.end_training`: no process group left to interpreter exit
     return folder
 
 

@@ -1996,6 +1996,19 @@ class ILRTrainer:
         self.accelerator.wait_for_everyone()
         return folders
 
+    def end_training(self) -> None:
+        """
+        Finish the trackers and destroy the process group: the last call of a run that ended on every process alike
+        (finished, or stopped by a signal at the same step).
+
+        Under DDP this must happen while the interpreter is whole: gloo's worker threads hold finished work objects
+        that reference Python tensors, and a process that exits with its group alive frees them during interpreter
+        finalisation and aborts (SIGABRT, "terminate called without an active exception") after its work is done.
+        Not called after an error on one process: destroying the group while a peer is inside a collective can hang.
+        """
+        self.accelerator.wait_for_everyone()  # no process is still inside a collective when the group goes
+        self.accelerator.end_training()
+
 
 def _drop_tied_copies(model: Any, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keep one name per tied parameter (the first, as `save_pretrained` keeps of tensors sharing storage)."""
