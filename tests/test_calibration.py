@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from ilr import calibration
-from ilr.calibration import advantage_delta, calibrate_rewards, peer_reward_stats
+from ilr.calibration import advantage_change, advantage_delta, calibrate_rewards, peer_reward_stats
 from ilr.grpo import group_advantages
 
 
@@ -171,6 +171,58 @@ def test_advantage_delta():
     assert advantage_delta(torch.zeros(0), torch.zeros(0)) == 0.0
     with pytest.raises(ValueError, match="same shape"):
         advantage_delta(torch.zeros(2), torch.zeros(3))
+
+
+@pytest.mark.parametrize("value", [2.2, 1.1, 0.1, 0.7])
+@pytest.mark.parametrize("group_size", [3, 12, 16])
+def test_constant_non_dyadic_peer_gives_exactly_zero_terms(value, group_size):
+    # The float32 mean of twelve 2.2s is an ulp off 2.2; divided by eps = 1e-6 that ulp was a term of 0.24.
+    rewards = torch.full((2, 3, group_size), value, dtype=torch.float32)
+    result = calibrate_rewards(rewards, scope="group")
+    assert torch.equal(result.rewards, rewards)
+    assert result.clip_frac.item() == 0.0
+    batch = calibrate_rewards(rewards, scope="batch")
+    assert torch.equal(batch.rewards, rewards)
+    # A reward that differs from the constant peer's still gets the full clipped term.
+    rewards[0, 0, 0] = value + 1.0
+    moved = calibrate_rewards(rewards, scope="group").rewards
+    assert moved[0, 0, 0].item() == pytest.approx(value + 2.0)
+    assert torch.equal(moved[0, 0, 1:], rewards[0, 0, 1:])
+
+
+def test_advantage_change_tells_a_rescale_from_a_reshape():
+    raw = torch.tensor([[[1.0, -1.0, 0.5, -0.5], [0.0, 0.0, 0.0, 0.0]]])
+    rescaled = torch.tensor([[[2.0, -2.0, 1.0, -1.0], [0.0, 0.0, 0.0, 0.0]]])  # x 2 in group 0, group 1 constant
+    change = advantage_change(rescaled, raw)
+    assert change.delta == pytest.approx(0.375) and change.reshaped_frac == 0.0 and change.sign_flip_frac == 0.0
+    # Different positive factors per group are still a rescale of each group.
+    two_groups = torch.tensor([[[1.0, -1.0], [2.0, -2.0]]])
+    assert advantage_change(two_groups * torch.tensor([[[3.0], [0.5]]]), two_groups).reshaped_frac == 0.0
+    # One sample's weight changes relative to its group's: reshaped, and its sign flips.
+    reshaped = torch.tensor([[[1.0, -1.0, -0.2, -0.5], [0.0, 0.0, 0.0, 0.0]]])
+    change = advantage_change(reshaped, raw)
+    assert change.reshaped_frac == 1.0  # one group of one with a gradient
+    assert change.sign_flip_frac == pytest.approx(1 / 4)  # 4 samples with a gradient, one flipped
+    # A negative factor flips every sign: not a rescale.
+    assert advantage_change(-raw, raw).reshaped_frac == 1.0
+    assert advantage_change(torch.zeros(0, 4), torch.zeros(0, 4)).delta == 0.0
+
+
+def test_format_reward_under_batch_scaling_is_reshaped_not_rescaled():
+    # The case: accuracy + 0.1 x format, peer all correct with mixed format (range 0.1): the format gap is
+    # scaled tenfold and clipped, so the agent's correct-but-unformatted answer loses most of its advantage.
+    rewards = torch.tensor([[[1.0, 1.1, 0.0, 0.1]], [[1.0, 1.1, 1.1, 1.0]]])
+    calibrated = calibrate_rewards(rewards, scope="group").rewards
+    change = advantage_change(_advantages_per_agent(calibrated, "batch"), _advantages_per_agent(rewards, "batch"))
+    assert change.reshaped_frac > 0
+    # and with binary rewards and two agents it is a rescale only (the module docstring's first row)
+    binary = torch.tensor([[[1.0, 0.0, 0.0, 1.0]], [[1.0, 1.0, 0.0, 1.0]]])
+    binary_calibrated = calibrate_rewards(binary, scope="group").rewards
+    for scale in ("group", "batch", "none"):
+        change = advantage_change(
+            _advantages_per_agent(binary_calibrated, scale), _advantages_per_agent(binary, scale)
+        )
+        assert change.reshaped_frac == 0.0 and change.sign_flip_frac == 0.0, scale
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -169,6 +169,37 @@ def test_every_shipped_recipe_parses(recipe):
         assert len(agents_args.agents) >= 2
 
 
+MATCHED_BUDGET_KEYS = (
+    "num_generations",
+    "max_completion_length",
+    "analysis_samples",
+    "max_analysis_length",
+    "train_stages",
+)
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted(REPO.glob("recipes/*/grpo/config_compute_matched.yaml")), ids=lambda p: p.parent.parent.name
+)
+def test_compute_matched_baselines_size_their_budget_from_the_ilr_recipes(recipe):
+    from ilr.train import compute_matched_args
+
+    overrides = [f"--{key}" if value is True else f"--{key}={value}" for key, value in CPU.items()]
+    _, agents_args, baseline = parse_recipe(["--config", str(recipe), *overrides])
+    assert baseline.method == "grpo" and baseline.compute_matched
+    model = agents_args.agents[0].model_name_or_path
+    ilr_recipes = [
+        r for r in REPO.glob("recipes/*/ilr/config_*.yaml") if f"model_name_or_path: {model}\n" in r.read_text()
+    ]
+    assert ilr_recipes, f"no ILR recipe trains {model}"
+    for ilr_recipe in ilr_recipes:
+        _, _, ilr_args = parse_recipe(["--config", str(ilr_recipe), *overrides])
+        for key in MATCHED_BUDGET_KEYS:
+            assert getattr(baseline, key) == getattr(ilr_args, key), (ilr_recipe.name, key)
+    # 8 share + 8 fuse completions of 1024 tokens and one 512-token analysis: 17 completions' worth per question
+    assert compute_matched_args(baseline).num_generations >= 17
+
+
 def test_cli_check_reports_user_errors_in_one_line(tmp_path):
     bad = write(tmp_path, base_recipe(num_generaions=4))
     result = subprocess.run(

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ilr.calibration import calibrate_rewards
+from ilr.grpo import group_advantages
 from test_trainer import TESTS_DIR
 
 
@@ -48,6 +49,7 @@ record = {{
     "questions": len(trainer.draw_questions()),
     "local": local.tolist(),
     "calibrated": calibrated.rewards["share"].tolist(),
+    "advantages": trainer.compute_advantages(calibrated)[0]["share"].tolist(),  # scale_rewards: batch
     "reward": metrics["train/reward"],
 }}
 with open(f"{{output_dir}}/rank{{rank}}.json", "w") as handle:
@@ -109,3 +111,15 @@ def test_batch_scope_calibration_uses_every_process_rewards(ddp_run):
     # and it is not what each process would get from its own rewards alone
     alone = calibrate_rewards(torch.tensor(records[1]["local"], dtype=torch.float32), scope="batch").rewards
     assert not torch.allclose(torch.tensor(records[1]["calibrated"]), alone)
+
+
+def test_batch_scaled_advantages_use_the_whole_batch_std(ddp_run):
+    records = [json.loads((ddp_run / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    whole_batch = torch.cat([torch.tensor(r["local"], dtype=torch.float32) for r in records], dim=1)
+    calibrated = calibrate_rewards(whole_batch, scope="batch").rewards
+    expected = torch.stack([group_advantages(agent, "batch") for agent in calibrated])
+    got = torch.cat([torch.tensor(r["advantages"]) for r in records], dim=1)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    # each process's own std would scale its questions differently (its rewards are spread differently)
+    own = torch.stack([group_advantages(agent, "batch") for agent in torch.tensor(records[1]["calibrated"])])
+    assert not torch.allclose(torch.tensor(records[1]["advantages"]), own)

@@ -10,8 +10,9 @@ enter the statistics is our choice (`calibration_scope`):
 - `group` (default): peer l's G rewards for the *same question and stage*.
 - `batch`: peer l's rewards for every question of the batch in that stage.
 
-A peer whose rewards are all equal has `max_l - min_l == 0`; `calibration_eps` is then the denominator, so its term is
-0 for a reward equal to the peer's and ±1/(m-1) (clipped) for any other reward.
+A peer whose rewards are all equal has `max_l - min_l == 0`; `calibration_eps` is then the denominator and the peer's
+value itself its mean (never a rounded mean), so its term is exactly 0 for a reward equal to the peer's and ±1/(m-1)
+(clipped) for any other reward.
 
 ## When calibration is a no-op (read this before reporting a calibration ablation)
 
@@ -79,7 +80,9 @@ It changes the relative weight of an agent's samples within a step only with:
 (it changes which terms are clipped). Everything else is a no-op or a uniform per-step rescaling.
 
 Log `calibration/clip_frac` ([`CalibrationResult.clip_frac`]) and `calibration/adv_delta` ([`advantage_delta`], mean
-|A' - A| between the advantages with and without calibration) to see whether calibration moved anything in a run.
+|A' - A| between the advantages with and without calibration) to see whether calibration moved anything in a run, and
+`calibration/reshaped_frac` and `calibration/sign_flip_frac` ([`advantage_change`]) to tell a rescaling (both 0) from a
+change of the gradient's direction within groups.
 
 ## NaN rewards (a reward function returned `None`: cannot score)
 
@@ -99,7 +102,14 @@ from dataclasses import dataclass
 import torch
 
 
-__all__ = ["CalibrationResult", "advantage_delta", "calibrate_rewards", "peer_reward_stats"]
+__all__ = [
+    "AdvantageChange",
+    "CalibrationResult",
+    "advantage_change",
+    "advantage_delta",
+    "calibrate_rewards",
+    "peer_reward_stats",
+]
 
 # Same values as `ilr.configs.CALIBRATION_SCOPES` (a test keeps them equal); not imported from there, so that this
 # pure module does not pull in trl.
@@ -212,7 +222,11 @@ def calibrate_rewards(rewards: torch.Tensor, *, scope: str = "group", eps: float
 
     peer_mean, peer_max, peer_min = peer_reward_stats(rewards, scope=scope)
     peer_range = peer_max - peer_min
-    peer_range = torch.where(peer_range > 0, peer_range, torch.full_like(peer_range, eps))
+    is_constant = peer_range == 0
+    # A constant peer's mean is its value; computed, it can be an ulp off (2.2 in float32), and that ulp divided by
+    # eps would be a spurious term of up to the clip bound.
+    peer_mean = torch.where(is_constant, peer_max, peer_mean)
+    peer_range = torch.where(is_constant, torch.full_like(peer_range, eps), peer_range)
     clip_bound = 1.0 / (num_agents - 1)
 
     # deviation[i, l, q, k] = (R[i, q, k] - avg[l, q]) / range[l, q]: agent i's k-th reward against peer l.
@@ -264,6 +278,65 @@ def advantage_delta(adv_calibrated: torch.Tensor, adv_raw: torch.Tensor) -> floa
     if adv_raw.numel() == 0:
         return 0.0
     return (adv_calibrated - adv_raw).abs().mean().item()
+
+
+@dataclass(frozen=True)
+class AdvantageChange:
+    """
+    What calibration did to one stage's GRPO advantages: a rescaling, or a change of the policy gradient's direction.
+
+    Args:
+        delta (`float`):
+            `mean |A' - A|`, logged as `calibration/adv_delta`. Also positive for a mere rescaling.
+        sign_flip_frac (`float`):
+            Share of the samples whose advantage changed sign (pushed up before calibration, down after, or the
+            reverse), logged as `calibration/sign_flip_frac`. 0 for any rescaling.
+        reshaped_frac (`float`):
+            Share of the groups (one agent, question) whose advantages are not a positive multiple of the raw ones,
+            logged as `calibration/reshaped_frac`: calibration changed the weights of that group's samples relative to
+            each other. 0 when calibration only rescaled groups (binary rewards with two agents, for example).
+    """
+
+    delta: float
+    sign_flip_frac: float
+    reshaped_frac: float
+
+
+def advantage_change(adv_calibrated: torch.Tensor, adv_raw: torch.Tensor, *, rtol: float = 1e-5) -> AdvantageChange:
+    """
+    Compare the advantages computed from calibrated and from raw rewards, group by group.
+
+    Args:
+        adv_calibrated (`torch.Tensor` of shape `(..., G)`):
+            Advantages from the calibrated rewards; the last dimension holds one group's samples.
+        adv_raw (`torch.Tensor`, same shape):
+            Advantages computed the same way from the raw rewards.
+        rtol (`float`, *optional*, defaults to `1e-5`):
+            Relative tolerance under which a group counts as a positive rescaling (float32 rounding).
+
+    Returns:
+        [`AdvantageChange`]: All zero for empty tensors.
+    """
+    delta = advantage_delta(adv_calibrated, adv_raw)
+    if adv_raw.numel() == 0:
+        return AdvantageChange(delta=0.0, sign_flip_frac=0.0, reshaped_frac=0.0)
+    calibrated, raw = (
+        adv_calibrated.reshape(-1, adv_raw.size(-1)).double(),
+        adv_raw.reshape(-1, adv_raw.size(-1)).double(),
+    )
+    moved = (calibrated != 0) | (raw != 0)  # samples with a gradient before or after (0: NaN reward, constant group)
+    flipped = torch.sign(calibrated) != torch.sign(raw)
+    sign_flip_frac = (flipped & moved).sum().item() / max(moved.sum().item(), 1)
+    # A group is a positive rescaling when A' = c A with c > 0: its cosine with A is 1.
+    norms = calibrated.norm(dim=-1) * raw.norm(dim=-1)
+    has_gradient = norms > 0
+    cosine = (calibrated * raw).sum(dim=-1) / norms.clamp(min=torch.finfo(torch.float64).tiny)
+    reshaped = has_gradient & (cosine < 1 - rtol)
+    # A group with a gradient on one side only (constant before, spread after, or the reverse) is reshaped too.
+    one_sided = (calibrated.norm(dim=-1) > 0) != (raw.norm(dim=-1) > 0)
+    num_groups = (has_gradient | one_sided).sum().item()
+    reshaped_frac = (reshaped | one_sided).sum().item() / max(num_groups, 1)
+    return AdvantageChange(delta=delta, sign_flip_frac=sign_flip_frac, reshaped_frac=reshaped_frac)
 
 
 def _check_scope(scope: str) -> None:

@@ -77,6 +77,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ilr.calibration import AdvantageChange, advantage_change, calibrate_rewards
+
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -1047,7 +1049,7 @@ class ILRTrainer:
 
         rewards = self.score(transcript)
         calibrated = self.calibrate(rewards)
-        advantages, adv_delta = self.compute_advantages(calibrated, rewards)
+        advantages, adv_changes = self.compute_advantages(calibrated, rewards)
         scored = time.perf_counter()
 
         update_metrics = []
@@ -1064,7 +1066,7 @@ class ILRTrainer:
             "time/update": updated - scored,
             "time/step": updated - start,
         }
-        return self.step_metrics(transcript, rewards, calibrated, adv_delta, update_metrics, timings)
+        return self.step_metrics(transcript, rewards, calibrated, adv_changes, update_metrics, timings)
 
     # --- 1. questions and modes --------------------------------------------------------------------------------------
     def draw_questions(self) -> list[dict[str, Any]]:
@@ -1199,8 +1201,6 @@ class ILRTrainer:
         Returns:
             [`CalibratedRewards`]
         """
-        from ilr.calibration import calibrate_rewards
-
         calibrated, clip_frac = {}, {}
         for stage in self.args.train_stages:
             raw = torch.as_tensor(rewards.total[stage], dtype=torch.float32)
@@ -1226,35 +1226,48 @@ class ILRTrainer:
     # --- 5. advantages -----------------------------------------------------------------------------------------------
     def compute_advantages(
         self, calibrated: CalibratedRewards, raw: StepRewards | None = None
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    ) -> tuple[dict[str, torch.Tensor], dict[str, AdvantageChange]]:
         """
         GRPO advantages per agent, stage and question, from the calibrated rewards.
+
+        With `scale_rewards: batch` and several processes, the std is taken over the whole batch gathered from every
+        process, as TRL does, so that each process scales its questions alike.
 
         Args:
             calibrated ([`CalibratedRewards`]):
                 Rewards of the trained stages.
             raw ([`StepRewards`], *optional*):
-                The raw rewards, to measure `calibration/adv_delta` (mean |A' - A|).
+                The raw rewards, to measure what calibration changed (`calibration/adv_delta`, `.../reshaped_frac`,
+                `.../sign_flip_frac`).
 
         Returns:
-            `tuple[dict[str, torch.Tensor], dict[str, float]]`: advantages `[m, Q, n]` per trained stage (0 where the
-            reward is NaN) and the advantage change per stage (0.0 without `raw`).
+            `tuple[dict[str, torch.Tensor], dict[str, AdvantageChange]]`: advantages `[m, Q, n]` per trained stage (0
+            where the reward is NaN) and, per stage, the change calibration made to them (all 0 without `raw` or
+            calibration).
         """
-        from ilr.calibration import advantage_delta
+        changes = {}
+        advantages = {stage: self._advantages(stage_rewards) for stage, stage_rewards in calibrated.rewards.items()}
+        for stage in advantages:
+            changes[stage] = AdvantageChange(delta=0.0, sign_flip_frac=0.0, reshaped_frac=0.0)
+            if raw is not None and self.args.calibration:
+                raw_advantages = self._advantages(torch.as_tensor(raw.total[stage], dtype=torch.float32))
+                changes[stage] = advantage_change(advantages[stage], raw_advantages)
+        return advantages, changes
+
+    def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """`[m, Q_local, n]` rewards of one stage -> advantages of the same shape."""
         from ilr.grpo import group_advantages
 
         scale = self.args.scale_rewards
-        advantages, delta = {}, {}
-        for stage, stage_rewards in calibrated.rewards.items():
-            advantages[stage] = self._advantage_sign * torch.stack(
-                [group_advantages(agent_rewards, scale) for agent_rewards in stage_rewards]
-            )
-            delta[stage] = 0.0
-            if raw is not None and self.args.calibration:
-                raw_rewards = torch.as_tensor(raw.total[stage], dtype=torch.float32)
-                raw_advantages = self._advantage_sign * torch.stack([group_advantages(r, scale) for r in raw_rewards])
-                delta[stage] = advantage_delta(advantages[stage], raw_advantages)
-        return advantages, delta
+        batch_wide = scale == "batch" and self.accelerator.num_processes > 1
+        local_questions = rewards.size(1)
+        if batch_wide:  # the std of the step's whole batch, not of this process's share of it
+            rewards = self._gather_questions(rewards)
+        advantages = self._advantage_sign * torch.stack([group_advantages(agent, scale) for agent in rewards])
+        if batch_wide:
+            start = self.accelerator.process_index * local_questions
+            advantages = advantages[:, start : start + local_questions]
+        return advantages
 
     # --- 6. per-agent samples and update -----------------------------------------------------------------------------
     def build_samples(
@@ -1622,7 +1635,7 @@ class ILRTrainer:
         transcript: Transcript,
         rewards: StepRewards,
         calibrated: CalibratedRewards,
-        adv_delta: dict[str, float],
+        adv_changes: dict[str, AdvantageChange],
         update_metrics: list[dict[str, float]],
         timings: dict[str, float],
     ) -> dict[str, float]:
@@ -1656,9 +1669,12 @@ class ILRTrainer:
                 metrics[f"interaction/gamma/{agent.name}"] = float(self.irt.gamma[agent_index])
         for stage in self.args.train_stages:
             metrics[f"calibration/{stage}/clip_frac"] = calibrated.clip_frac[stage]
-            metrics[f"calibration/{stage}/adv_delta"] = adv_delta[stage]
-        metrics["calibration/clip_frac"] = float(np.mean(list(calibrated.clip_frac.values())))
-        metrics["calibration/adv_delta"] = float(np.mean(list(adv_delta.values())))
+            for name in ("adv_delta", "reshaped_frac", "sign_flip_frac"):
+                metrics[f"calibration/{stage}/{name}"] = getattr(adv_changes[stage], name.removeprefix("adv_"))
+        for name in ("clip_frac", "adv_delta", "reshaped_frac", "sign_flip_frac"):
+            metrics[f"calibration/{name}"] = float(
+                np.mean([metrics[f"calibration/{stage}/{name}"] for stage in self.args.train_stages])
+            )
         metrics["interaction/coop_frac"] = float(np.mean(transcript.cooperate))
         for name, count in rewards.unscored.items():
             metrics[f"rewards/{name}/unscored"] = float(count)
