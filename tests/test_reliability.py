@@ -22,10 +22,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ilr import rewards, sandbox
+from ilr import cli, rewards, sandbox
+from ilr.cards import write_card
 from ilr.configs import RecipeError, parse_recipe
 from ilr.data import DEFAULT_MAX_QUESTION_CHARS, DataError, load_benchmark, load_custom_dataset
+from ilr.evaluate import EvaluationError, load_results, run_evaluation
 from ilr.rewards import accuracy_reward, check_golds, get_reward_funcs, score_math, shutdown_reward_pool
+from test_evaluate import AnswerBackend, config_for, write_arithmetic
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -379,6 +382,166 @@ def test_a_reward_on_an_unparsable_gold_is_none_and_counted(caplog):
     logged = {}
     accuracy_reward(["\\boxed{5}", "\\boxed{5}"], answer=["\\frac{", "5"], log_metric=logged.__setitem__)
     assert logged == {"accuracy_reward/unscored": 0.5}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad benchmark files and results files
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def write_arithmetic_with_bad_lines(path: Path) -> Path:
+    """Six gsm8k-schema problems, one line that is not JSON and one that is not UTF-8."""
+    lines = [json_line({"question": f"What is {i} + {2 * i}?", "answer": f"#### {3 * i}"}) for i in range(6)]
+    lines[2:2] = [
+        b'{"question": "What is 1 + 1?", "answer": "#### 2"\n',
+        b'{"question": "caf\xe9", "answer": "#### 1"}\n',
+    ]
+    path.write_bytes(b"".join(lines) + b"\n")  # a trailing blank line is harmless
+    return path
+
+
+def test_evaluate_refuses_a_benchmark_file_with_unreadable_lines(tmp_path):
+    data = write_arithmetic_with_bad_lines(tmp_path / "arith.jsonl")
+    backend = AnswerBackend("fake")
+    with pytest.raises(EvaluationError) as error_info:
+        run_evaluation(config_for(tmp_path, data), backends=[backend])
+    message = str(error_info.value)
+    assert f"2 of 9 lines of {data} cannot be read (1 not valid JSON, 1 not UTF-8)" in message
+    assert "`--skip_bad_lines`" in message
+    assert backend.questions == [] and not (tmp_path / "out").exists()  # nothing generated, nothing written
+
+
+def test_skipped_lines_are_recorded_in_the_results_and_shown_in_the_card(tmp_path):
+    data = write_arithmetic_with_bad_lines(tmp_path / "arith.jsonl")
+    results = run_evaluation(config_for(tmp_path, data, skip_bad_lines=True), backends=[AnswerBackend("fake")])
+    entry = results["fake"]["benchmarks"]["gsm8k"]
+    assert (entry["data"]["n_problems"], entry["data"]["n_skipped_lines"]) == (6, 2)
+    files = write_card(tmp_path / "out" / "results_fake.json", tmp_path / "card")
+    card = files["README.md"].read_text()
+    assert "**Unreadable data lines were skipped** (GSM8K: 2 lines; `--skip_bad_lines`)" in card
+
+    clean = write_arithmetic(tmp_path / "clean.jsonl", 6)
+    results = run_evaluation(
+        config_for(tmp_path, clean, output_dir=str(tmp_path / "clean")), backends=[AnswerBackend("fake")]
+    )
+    assert results["fake"]["benchmarks"]["gsm8k"]["data"]["n_skipped_lines"] == 0
+    files = write_card(tmp_path / "clean" / "results_fake.json", tmp_path / "clean_card")
+    assert "Unreadable data lines" not in files["README.md"].read_text()
+
+
+def test_evaluate_cli_stops_on_unreadable_lines_before_loading_a_model(tmp_path):
+    data = write_arithmetic_with_bad_lines(tmp_path / "arith.jsonl")
+    flags = ["--model", "/nonexistent/model", "--benchmarks", "gsm8k", "--data_files", f"gsm8k={data}"]
+    result = subprocess.run(
+        [*_ilr_command(), "evaluate", *flags, "--output_dir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ilr evaluate: error: gsm8k: 2 of 9 lines"), result.stderr
+
+
+@pytest.fixture(scope="module")
+def results_file(tmp_path_factory) -> Path:
+    """A valid results file of the fake agent on six gsm8k-schema problems."""
+    root = tmp_path_factory.mktemp("results")
+    data = write_arithmetic(root / "arith.jsonl", 6)
+    run_evaluation(config_for(root, data, k=[2], num_samples=2, temperature=0.7), backends=[AnswerBackend("fake")])
+    return root / "out" / "results_fake.json"
+
+
+def _set(results: dict, path: str, value) -> dict:
+    """`results` with the field at dotted `path` set to `value` (`DELETE` removes it)."""
+    *parents, last = path.split(".")
+    node = results
+    for key in parents:
+        node = node[key]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return results
+
+
+DELETE = object()
+# (case, how a valid results file is broken (see `_broken_results`), what the one-line error must say)
+BROKEN_RESULTS = [
+    (
+        "schema-version-text",
+        ("file", {"schema_version": "abc", "benchmarks": {}}),
+        "`schema_version` must be an integer",
+    ),
+    ("schema-version-zero", {"schema_version": 0}, "`schema_version` must be between 1 and 1"),
+    ("schema-version-newer", {"schema_version": 2}, "newer than this ilr (1): upgrade ilr"),
+    ("no-model", ("file", {"schema_version": 1, "benchmarks": {}}), "`model` is missing"),
+    ("not-an-object", ("file", [1, 2]), "not an `ilr evaluate` results file"),
+    ("metrics-a-number", {"benchmarks.gsm8k.metrics": 3}, "`benchmarks.gsm8k.metrics` must be an object (got 3)"),
+    ("no-accuracy", {"benchmarks.gsm8k.metrics.accuracy": DELETE}, "`benchmarks.gsm8k.metrics.accuracy` is missing"),
+    (
+        "estimate-text",
+        {"benchmarks.gsm8k.metrics.accuracy.estimate": "50%"},
+        "`benchmarks.gsm8k.metrics.accuracy.estimate` must be a number",
+    ),
+    (
+        "pass-at-k-not-an-interval",
+        {"benchmarks.gsm8k.metrics.pass@2": [0.5]},
+        "`benchmarks.gsm8k.metrics.pass@2` must be an object",
+    ),
+    ("benchmarks-a-list", {"benchmarks": []}, "`benchmarks` must be an object"),
+    (
+        "no-problem-count",
+        {"benchmarks.gsm8k.data.n_problems": DELETE},
+        "`benchmarks.gsm8k.data.n_problems` is missing",
+    ),
+    (
+        "per-problem-ids-text",
+        {"benchmarks.gsm8k.per_problem.ids": "0,1"},
+        "`benchmarks.gsm8k.per_problem.ids` must be a list",
+    ),
+    ("model-name-null", {"model.name": None}, "`model.name` must be a string (got None)"),
+    ("protocol-missing", {"protocol": DELETE}, "`protocol` is missing"),
+    ("sampling-k-text", {"sampling.k": "2"}, "`sampling.k` must be a list of an integer or null"),
+    ("average-a-number", {"average": 0.5}, "`average` must be null or an object"),
+    ("seed-a-bool", {"seed": True}, "`seed` must be an integer (got True)"),
+]
+
+
+def _broken_results(results_file: Path, tmp_path: Path, change: dict | tuple) -> Path:
+    """A copy of `results_file` with `change` ({dotted field: value}), or `("file", value)`: the whole file."""
+    if isinstance(change, tuple):
+        results = change[1]
+    else:
+        results = json.loads(results_file.read_text())
+        for key, value in change.items():
+            _set(results, key, value)
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(results))
+    return path
+
+
+def test_the_results_file_is_valid(results_file):
+    assert load_results(results_file)["benchmarks"]["gsm8k"]["metrics"]["pass@2"]["estimate"] >= 0
+
+
+@pytest.mark.parametrize("command", ["compare", "card", "evaluate-baseline"])
+@pytest.mark.parametrize(("change", "field"), [pytest.param(c, f, id=i) for i, c, f in BROKEN_RESULTS])
+def test_every_command_reading_a_results_file_reports_a_broken_one_in_one_line(
+    results_file, tmp_path, capsys, command, change, field
+):
+    broken = str(_broken_results(results_file, tmp_path, change))
+    argv = {
+        "compare": ["compare", str(results_file), broken],
+        "card": ["card", broken, "--output_dir", str(tmp_path / "card")],
+        "evaluate-baseline": ["evaluate", "--model", "/nonexistent/m", "--benchmarks", "gsm8k", "--baseline", broken],
+    }[command]
+    assert cli.main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    name = command.split("-")[0]
+    assert lines[0].startswith(f"ilr {name}: error: {broken} ") and field in lines[0], lines[0]
+    assert not (tmp_path / "card").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -246,6 +246,20 @@ def _results_table(results: dict[str, Any], base_results: dict[str, Any] | None)
     return "\n".join(lines)
 
 
+def _skipped_lines_note(results: dict[str, Any]) -> str | None:
+    """A warning naming the benchmarks evaluated without some unreadable lines of their files (`--skip_bad_lines`)."""
+    skipped = {
+        name: entry["data"].get("n_skipped_lines") or 0 for name, entry in results["benchmarks"].items()
+    }  # fmt: skip
+    parts = [f"{_title(name)}: {count} line{'s' * (count > 1)}" for name, count in skipped.items() if count]
+    if not parts:
+        return None
+    return (
+        f"**Unreadable data lines were skipped** ({'; '.join(parts)}; `--skip_bad_lines`): those benchmarks are scored "
+        "over fewer problems than their files hold, so compare them with published numbers with care."
+    )
+
+
 def _eval_results(results: dict[str, Any]) -> list:
     from huggingface_hub import EvalResult
 
@@ -419,6 +433,9 @@ def build_card(
         f"{results['seed']}). Δ is the paired difference on the problems both runs share. Avg is the unweighted mean "
         "of the five maths benchmarks, as in the paper.",
     ]
+    skipped = _skipped_lines_note(results)
+    if skipped:
+        sections.append(skipped)
     if chart_file:
         sections.append(f"![Accuracy per benchmark with 95% intervals]({chart_file})")
     sections += [

@@ -24,6 +24,7 @@ are blank, not UTF-8 or not a JSON object are skipped and counted the same way. 
 import ast
 import builtins
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -662,6 +663,19 @@ def _builder_for(files: list[str]) -> str:
     return builders.pop()
 
 
+def _parse_jsonl_line(line: bytes) -> dict[str, Any] | str:
+    """One line of a `.jsonl` file: its JSON object, or why it cannot be used (`blank`, `not UTF-8`, ...)."""
+    if not line.strip():
+        return "blank"
+    try:
+        row = json.loads(line.decode("utf-8").lstrip("\ufeff"))
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    except json.JSONDecodeError:
+        return "not valid JSON"
+    return row if isinstance(row, dict) else "not a JSON object"
+
+
 def _read_jsonl(path: str) -> Iterator[dict[str, Any]]:
     """
     The JSON objects of a `.jsonl` file, decoded line by line: a bad line (not UTF-8, not JSON, not an object) is
@@ -671,19 +685,9 @@ def _read_jsonl(path: str) -> Iterator[dict[str, Any]]:
     lines = 0
     with open(path, "rb") as file:
         for lines, line in enumerate(file, 1):  # noqa: B007 - the last value is the line count
-            if not line.strip():
-                skipped["blank"] += 1
-                continue
-            try:
-                row = json.loads(line.decode("utf-8").lstrip("\ufeff"))
-            except UnicodeDecodeError:
-                skipped["not UTF-8"] += 1
-                continue
-            except json.JSONDecodeError:
-                skipped["not valid JSON"] += 1
-                continue
-            if not isinstance(row, dict):
-                skipped["not a JSON object"] += 1
+            row = _parse_jsonl_line(line)
+            if isinstance(row, str):
+                skipped[row] += 1
                 continue
             yield row
     if skipped:
@@ -691,6 +695,35 @@ def _read_jsonl(path: str) -> Iterator[dict[str, Any]]:
         level = logging.INFO if set(skipped) == {"blank"} else logging.WARNING
         detail = ", ".join(f"{count} {reason}" for reason, count in skipped.items())
         logger.log(level, "%s: skipped %d of %d lines (%s).", path, skipped.total(), lines, detail)
+
+
+def unreadable_jsonl_lines(data_files: str | os.PathLike | list | dict | None) -> dict[str, tuple[Counter[str], int]]:
+    """
+    The lines of local `.jsonl` files that `load_benchmark` would skip as unreadable (blank lines are not counted).
+
+    Args:
+        data_files (`str`, `list` or `dict`, *optional*):
+            As for [`load_benchmark`]; a composite benchmark's dict of component files is searched too. Other formats
+            and glob patterns are read by `datasets`, which fails on a bad line instead of skipping it.
+
+    Returns:
+        `dict[str, tuple[Counter[str], int]]`: file -> (unreadable lines by reason, lines in the file), for each file
+        with at least one such line.
+    """
+    if data_files is None:
+        return {}
+    if isinstance(data_files, dict):
+        return {path: found for files in data_files.values() for path, found in unreadable_jsonl_lines(files).items()}
+    found = {}
+    for path in _as_file_list(data_files):
+        if not path.lower().endswith(".jsonl") or glob.has_magic(path) or not os.path.exists(path):
+            continue
+        with open(path, "rb") as file:
+            reasons = [_parse_jsonl_line(line) for line in file]
+        bad = Counter(reason for reason in reasons if isinstance(reason, str) and reason != "blank")
+        if bad:
+            found[path] = (bad, len(reasons))
+    return found
 
 
 def _iter_jsonl(files: list[str]) -> Iterator[dict[str, Any]]:

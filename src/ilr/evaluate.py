@@ -22,8 +22,8 @@ Output folder:
   stopped: finished problems are read back, a truncated last line is cut off, only the rest is generated.
 - `results_<agent>.json`: the scores of one agent (schema below).
 
-Results schema (`SCHEMA_VERSION` 1; percentages are fractions in [0, 1]; an interval is `{estimate, low, high,
-confidence, n_resamples, method}`):
+Results schema (`SCHEMA_VERSION` 1, checked on load by `ilr.results_schema`; percentages are fractions in [0, 1]; an
+interval is `{estimate, low, high, confidence, n_resamples, method}`):
 
     schema_version, ilr_version, created_at, command
     model        {name, name_or_path, revision (resolved commit sha, or null for a local folder), gguf_file, dtype}
@@ -33,7 +33,8 @@ confidence, n_resamples, method}`):
     seed
     confidence   {level, n_resamples, method}
     benchmarks   {<name>: {
-                    data {name, hub_id, config, split, data_files, streaming, limit, n_problems, n_expected, sha256}
+                    data {name, hub_id, config, split, data_files, streaming, limit, n_problems, n_expected, sha256,
+                          n_skipped_lines (unreadable lines of local files left out with --skip_bad_lines)}
                     task, primary_metric ("accuracy")
                     metrics {accuracy: interval, pass@<k>: interval, test_pass_rate: interval (code)}
                     n_unscored, n_truncated, n_generated (this invocation), n_resumed (read back from details)
@@ -76,6 +77,7 @@ import numpy as np
 
 from ilr import __version__
 from ilr.files import write_text_atomic
+from ilr.results_schema import SCHEMA_VERSION, results_schema_problem
 from ilr.stats import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
@@ -112,7 +114,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 # The paper's "Avg" column: the mean of these five maths benchmarks, with equal weights.
 MATH_AVG_BENCHMARKS: tuple[str, ...] = ("gsm8k", "math500", "minerva", "olympiadbench", "aime")
 MATH_AVG_ALIAS = "math_avg"
@@ -169,6 +170,10 @@ class EvalConfig:
         Stream Hub datasets instead of downloading them first.
     limit (`int`, *optional*):
         Evaluate only the first `limit` problems of each benchmark (smoke tests; not comparable with the paper).
+    skip_bad_lines (`bool`, *optional*, defaults to `False`):
+        Evaluate a local `.jsonl` file that has unreadable lines (not UTF-8, not JSON, not an object) without them.
+        Off by default: the score would be over fewer problems than the benchmark has. The results record how many
+        lines were skipped (`data.n_skipped_lines`) and the card shows it.
 
     > Sampling
 
@@ -225,6 +230,7 @@ class EvalConfig:
     data_files: dict[str, Any] = field(default_factory=dict)
     streaming: bool = False
     limit: int | None = None
+    skip_bad_lines: bool = False
     num_samples: int = 1
     k: list[int] | None = None
     temperature: float | None = None
@@ -417,6 +423,11 @@ def parse_eval_args(argv: Sequence[str]) -> EvalConfig:
     )
     data.add_argument("--streaming", action="store_true")
     data.add_argument("--limit", type=int)
+    data.add_argument(
+        "--skip_bad_lines",
+        action="store_true",
+        help="evaluate local .jsonl files without their unreadable lines (recorded in the results and the card)",
+    )
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--num_samples", type=int, default=1)
     sampling.add_argument("--k", help="comma list of pass@k values (default: num_samples)")
@@ -1031,7 +1042,8 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         `FileNotFoundError`: the file does not exist.
-        `EvaluationError`: it is not a results file of a supported schema version.
+        `EvaluationError`: it is not a results file, or does not match the schema (`ilr.results_schema`); the
+            message names the first wrong field.
     """
     path = Path(path)
     if not path.is_file():
@@ -1041,11 +1053,20 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     except ValueError as error:
         raise EvaluationError(f"{path} is not valid JSON ({error}).") from None
     if not isinstance(results, dict) or "schema_version" not in results or "benchmarks" not in results:
-        raise EvaluationError(f"{path} is not an `ilr evaluate` results file (no schema_version / benchmarks).")
-    if results["schema_version"] > SCHEMA_VERSION:
         raise EvaluationError(
-            f"{path} has results schema {results['schema_version']}, newer than this ilr ({SCHEMA_VERSION}): "
-            "upgrade ilr."
+            f"{path} is not an `ilr evaluate` results file (no schema_version / benchmarks): pass a "
+            "`results_<agent>.json` written by `ilr evaluate`."
+        )
+    version = results["schema_version"]
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise EvaluationError(
+            f"{path} has results schema {version}, newer than this ilr ({SCHEMA_VERSION}): upgrade ilr."
+        )
+    problem = results_schema_problem(results)
+    if problem is not None:
+        raise EvaluationError(
+            f"{path} is not a valid results file (schema {SCHEMA_VERSION}): {problem}. Use the file as `ilr evaluate` "
+            "wrote it, or evaluate again."
         )
     return results
 
@@ -1076,6 +1097,28 @@ def _check_run_identity(output_dir: Path, identity: dict[str, Any], overwrite: b
     _write_json(path, identity)
 
 
+def _check_unreadable_lines(config: EvalConfig) -> dict[str, int]:
+    """Benchmark -> lines of its local files that cannot be read; an error unless `skip_bad_lines` allows them."""
+    from ilr.data import unreadable_jsonl_lines
+
+    skipped = {}
+    for name in config.benchmarks:
+        found = unreadable_jsonl_lines(config.data_files.get(name))
+        if not found:
+            continue
+        if not config.skip_bad_lines:
+            path, (reasons, lines) = next(iter(found.items()))
+            detail = ", ".join(f"{count} {reason}" for reason, count in reasons.items())
+            raise EvaluationError(
+                f"{name}: {reasons.total()} of {lines} lines of {path} cannot be read ({detail}), so the score would "
+                "be over fewer problems than the benchmark has. Fix the file, or pass `--skip_bad_lines` to evaluate "
+                "without them (the results and the card then say how many were skipped)."
+            )
+        skipped[name] = sum(reasons.total() for reasons, _ in found.values())
+        logger.warning("%s: skipping %d unreadable lines (--skip_bad_lines).", name, skipped[name])
+    return skipped
+
+
 def run_evaluation(
     config: EvalConfig, *, backends: list[GenerationBackend] | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -1103,6 +1146,7 @@ def run_evaluation(
             "ILR_ALLOW_CODE_EXECUTION=1) to accept that; it runs in the sandbox of `ilr.sandbox`."
         )
     baseline = load_results(config.baseline) if config.baseline else None
+    skipped_lines = _check_unreadable_lines(config)
     # Resolving first: an unreachable Hub or a bad recipe fails before any model is loaded.
     agents, infos = _resolve_agents(config, download=backends is None)
     if backends is None:
@@ -1131,7 +1175,8 @@ def run_evaluation(
         agent = info["name"]
         benchmarks = {}
         for name, run in runs.items():
-            entry = {"data": run.data, **_benchmark_scores(run.records[agent], config)}
+            data = {**run.data, "n_skipped_lines": skipped_lines.get(name, 0)}
+            entry = {"data": data, **_benchmark_scores(run.records[agent], config)}
             entry.update(
                 n_generated=run.n_generated,
                 n_resumed=run.n_resumed,
