@@ -93,7 +93,7 @@ def test_agent_name_defaults_to_last_part_of_model_id(tmp_path):
         ({"learning_rate": [1, 2]}, r"`learning_rate` takes a single value"),
         ({"agents": [{"name": "a"}, {"model_name_or_path": "b"}]}, r"agents\[0\]`?.*model_name_or_path"),
         ({"agents": [{"model_name_or_path": "a", "lora_rank": 8}, "b"]}, r"Unknown key `lora_rank`.*lora_r"),
-        ({"agents": [{"model_name_or_path": "a", "lora_r": "big"}, "b"]}, r"agents\[0\].*lora_r.*invalid int value"),
+        ({"agents": [{"model_name_or_path": "a", "lora_r": "big"}, "b"]}, r"agents\[0\].*lora_r.*expects an integer"),
         ({"agents": ["org/a"]}, r"method: ilr` trains two or more agents"),
         ({"agents": []}, r"No agents"),
         ({"agents": ["x/a", "y/a"]}, r"share `name`.*distinct `name:`"),

@@ -71,6 +71,16 @@ def _vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+NEEDS_NO_GPU = pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU")
+AGENT_A, AGENT_B = TINY_RECIPE["agents"]
+
+
 def _case(case_id: str, overrides: dict, key: str, also: str | None = None, marks=()):
     """One broken recipe: TINY_RECIPE with `overrides` (a `None` value deletes the key); `key` must be named."""
     return pytest.param(overrides, key, also, id=case_id, marks=marks)
@@ -147,6 +157,49 @@ BROKEN_RECIPES = [
     _case("method-unknown", {"method": "ppo"}, "method"),
     _case("code-reward-without-opt-in", {"reward_funcs": ["code"], "reward_weights": None}, "allow_code_execution"),
     _case("data-files-missing", {"data_files": ["/nonexistent/train.jsonl"]}, "data_files"),
+    # Per-agent fields are range-checked like their global twins, and parse whatever their first character.
+    _case("agent-lora-r-negative", {"agents": [{**AGENT_A, "use_peft": True, "lora_r": -8}, AGENT_B]}, "lora_r"),
+    _case("agent-lora-alpha-zero", {"agents": [{**AGENT_A, "lora_alpha": 0}, AGENT_B]}, "lora_alpha"),
+    _case(
+        "agent-lora-dropout-above-one",
+        {"agents": [{**AGENT_A, "use_peft": True, "lora_dropout": 1.5}, AGENT_B]},
+        "lora_dropout",
+        also=r"in \[0, 1\)",
+    ),
+    _case(
+        "agent-learning-rate-negative",
+        {"agents": [{**AGENT_A, "learning_rate": -1e-6}, AGENT_B]},
+        "learning_rate",
+        also=r"agents\[0\].*>= 0 \(got -1e-06\)",
+    ),
+    _case(
+        "agent-name-starting-with-dash",
+        {"agents": [{**AGENT_A, "name": "-a"}, AGENT_B]},
+        "name",
+        also="must start with a letter or digit",
+    ),
+    _case("agent-name-dot-dot", {"agents": [{**AGENT_A, "name": ".."}, AGENT_B]}, "name"),
+    _case("agent-dtype-unknown", {"agents": [{**AGENT_A, "dtype": "float8"}, AGENT_B]}, "dtype", also="bfloat16"),
+    _case(
+        "agent-lora-r-not-a-number", {"agents": [{**AGENT_A, "lora_r": "-eight"}, AGENT_B]}, "lora_r", also="integer"
+    ),
+    _case("agents-a-string", {"agents": "abc"}, "agents", also=r"must be a list of agents \(got str 'abc'\)"),
+    _case("warmup-steps-negative", {"warmup_steps": -0.03}, "warmup_steps", also=r">= 0 \(got -0.03\)"),
+    _case(
+        "save-steps-zero-in-the-grpo-baseline",
+        {"method": "grpo", "agents": [AGENT_A], "save_steps": 0},
+        "save_steps",
+        also="save_strategy: no",
+    ),
+    # Hardware settings: refused where this machine lacks the hardware (`ilr check` notes them instead, see below).
+    _case("bf16-without-a-gpu", {"bf16": True, "use_cpu": False}, "bf16", also="ilr check", marks=NEEDS_NO_GPU),
+    _case("tf32-without-ampere", {"tf32": True}, "tf32", marks=NEEDS_NO_GPU),
+    _case(
+        "agent-4bit-without-cuda",
+        {"agents": [{**AGENT_A, "load_in_4bit": True}, AGENT_B]},
+        "load_in_4bit",
+        marks=NEEDS_NO_GPU,
+    ),
 ]
 
 
@@ -183,11 +236,80 @@ def test_broken_recipe_fails_early_naming_key_and_fix(tmp_path, overrides, key, 
         assert re.search(also, message), message
 
 
+@pytest.mark.parametrize(
+    ("overrides", "warning"),
+    [
+        ({"save_steps": 0}, "`save_steps: 0` saves a checkpoint only at the end of training"),
+        ({"logging_steps": -1}, "`logging_steps: -1` logs metrics only at the last step"),
+        ({"max_grad_norm": -1}, "`max_grad_norm: -1` turns gradient clipping off"),
+    ],
+)
+def test_values_with_a_special_meaning_are_accepted_with_a_one_line_warning(tmp_path, caplog, overrides, warning):
+    with caplog.at_level(logging.WARNING, logger="ilr.configs"):
+        training_args = parse_recipe(["--config", write_recipe(tmp_path, overrides)])[2]
+    (key, value), *_ = overrides.items()
+    assert getattr(training_args, key) == value
+    messages = [record.getMessage() for record in caplog.records if record.name == "ilr.configs"]
+    assert len(messages) == 1 and messages[0].startswith(warning) and "\n" not in messages[0], messages
+    with caplog.at_level(logging.WARNING, logger="ilr.configs"):
+        caplog.clear()
+        parse_recipe(["--config", write_recipe(tmp_path)])
+    assert not [record for record in caplog.records if record.name == "ilr.configs"]
+
+
+def test_agent_values_starting_with_a_dash_parse(tmp_path):
+    agents = [{**AGENT_A, "chat_template": "-{{ messages }}", "model_revision": "-rc1"}, AGENT_B]
+    agent = parse_recipe(["--config", write_recipe(tmp_path, {"agents": agents})])[1].agents[0]
+    assert (agent.chat_template, agent.model_revision) == ("-{{ messages }}", "-rc1")
+
+
+@NEEDS_NO_GPU
+def test_check_validates_a_gpu_recipe_on_this_cpu_machine_with_notes(tmp_path):
+    """The README's example recipe (bf16, no `use_cpu`) is checked for its GPU machine: notes, not errors."""
+    recipe = REPO / "recipes" / "Llama-3.1-8B-Instruct_Qwen2.5-7B-Instruct" / "ilr" / "config_group1.yaml"
+    result = subprocess.run(
+        [*_ilr_command(), "check", "--config", str(recipe), "--generation_backend", "transformers"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Recipe OK: method=ilr, 2 agent(s)" in result.stdout
+    assert "note: `bf16: true` will need a GPU with bf16 support; not checked on this machine." in result.stdout
+    # The same recipe with a value error still fails, naming the key.
+    result = subprocess.run(
+        [*_ilr_command(), "check", "--config", str(recipe), "--generation_backend", "transformers", "--top_p", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "`top_p` must be in (0, 1]" in result.stderr, result.stderr
+
+
+@NEEDS_NO_GPU
+def test_check_notes_every_hardware_setting_and_keeps_checking_the_rest(tmp_path):
+    agents = [{**AGENT_A, "load_in_4bit": True}, AGENT_B]
+    recipe = write_recipe(tmp_path, {"agents": agents, "bf16": True, "use_cpu": False, "tf32": True})
+    notes: list[str] = []
+    parse_recipe(["--config", recipe], hardware_notes=notes)
+    assert notes == [
+        "agent a: `load_in_4bit: true` will need a CUDA GPU; not checked on this machine.",
+        "`bf16: true` will need a GPU with bf16 support; not checked on this machine.",
+        "`tf32: true` will need an NVIDIA Ampere (or newer) GPU; not checked on this machine.",
+    ]
+    recipe = write_recipe(tmp_path, {"bf16": True, "use_cpu": False, "num_generations": 0})
+    with pytest.raises(RecipeError, match="num_generations"):
+        parse_recipe(["--config", recipe], hardware_notes=[])
+
+
 def test_invalid_yaml_is_a_recipe_error(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("num_generations: [4\nmax_steps: 1\n")
     with pytest.raises(RecipeError, match=r"`--config` file is not valid YAML.*line 1.*Fix the syntax"):
         parse_recipe(["--config", str(path)])
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _ilr_command() -> list[str]:

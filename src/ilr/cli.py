@@ -17,10 +17,12 @@ USER_ERROR_EXIT_CODE = 2
 
 
 def _check(args: list[str]) -> int:
-    """Validates a recipe without loading any model or dataset, and prints the resolved ILR settings."""
+    """Validates a recipe without loading any model or dataset, and prints the resolved ILR settings and notes."""
     from ilr.configs import parse_recipe
 
-    script_args, agents_args, training_args = parse_recipe(args)
+    # A recipe is checked for the machine it is meant for: what needs hardware missing here is a note, not an error.
+    hardware_notes: list[str] = []
+    script_args, agents_args, training_args = parse_recipe(args, hardware_notes=hardware_notes)
     print(f"Recipe OK: method={training_args.method}, {len(agents_args.agents)} agent(s)")
     for agent in agents_args.agents:
         peft = f", LoRA r={agent.lora_r}" if agent.use_peft else ""
@@ -33,6 +35,8 @@ def _check(args: list[str]) -> int:
         f"calibration={training_args.calibration} ({training_args.calibration_scope}), "
         f"num_generations={training_args.num_generations}, backend={training_args.generation_backend}"
     )
+    for note in hardware_notes:
+        print(f"  note: {note}")
     return 0
 
 

@@ -11,11 +11,13 @@ with a message naming the key and the fix.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
 import difflib
 import glob
 import importlib.util
 import json
+import logging
 import os
 import re
 import sys
@@ -37,6 +39,14 @@ METHODS = ("ilr", "grpo")
 # Loss types the ILR trainer implements with TRL's semantics (the `grpo` baseline accepts all of TRL's).
 ILR_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")
+# Settings that need hardware this machine may lack (see `_needs_hardware`). `ilr check` validates a recipe for the
+# machine it is meant for, so there they are notes; `ilr train` refuses them with the fix.
+GPU_SETTINGS = ("bf16", "bf16_full_eval", "tf32")
+AGENT_GPU_SETTINGS = ("load_in_4bit", "load_in_8bit")  # bitsandbytes quantization
+
+logger = logging.getLogger(__name__)
+# Set by `parse_recipe(..., hardware_notes=[...])`: where settings this machine cannot run are noted instead of raised.
+_HARDWARE_NOTES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("hardware_notes", default=None)
 
 
 class RecipeError(ValueError):
@@ -49,6 +59,46 @@ def _one_of(key: str, value: Any, allowed: Iterable[str]) -> None:
         hint = difflib.get_close_matches(str(value), allowed, n=1)
         fix = f"Did you mean `{hint[0]}`?" if hint else f"Set `{key}` to one of these in the recipe."
         raise RecipeError(f"`{key}` must be one of {list(allowed)} (got {value!r}). {fix}")
+
+
+def _needs_hardware(key: str, *, use_cpu: bool = False) -> str | None:
+    """What `key: true` needs that this machine lacks (e.g. "a GPU with bf16 support"), or `None` when it can run it."""
+    from transformers.utils import (  # late: transformers is imported by the config classes anyway
+        is_torch_bf16_gpu_available,
+        is_torch_cuda_available,
+        is_torch_tf32_available,
+        is_torch_xla_available,
+    )
+
+    # The conditions of transformers' own `TrainingArguments` checks, which would otherwise fail without the key.
+    if key == "tf32":
+        return None if is_torch_tf32_available() else "an NVIDIA Ampere (or newer) GPU"
+    if key.startswith("bf16"):
+        available = use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available()  # CPU autocast runs bf16
+        return None if available else "a GPU with bf16 support"
+    return None if is_torch_cuda_available() else "a CUDA GPU"
+
+
+def _check_hardware(config: Any, keys: Iterable[str], where: str = "", *, use_cpu: bool = False) -> None:
+    """Settings of `config` that need hardware this machine lacks: noted (and turned off) under `ilr check`, else
+    refused with the key and the fix."""
+    notes = _HARDWARE_NOTES.get()
+    for key in keys:
+        value = getattr(config, key)
+        if key == "bf16" and value is None:  # unset: TRL's `_BaseConfig` turns it on unless fp16 is
+            value = not config.fp16
+        need = value and _needs_hardware(key, use_cpu=use_cpu)
+        if not need:
+            continue
+        if notes is not None:
+            notes.append(f"{where}`{key}: true` will need {need}; not checked on this machine.")
+            setattr(config, key, False)
+            continue
+        also = " (or `use_cpu: true`, which trains in bf16 on the CPU)" if key.startswith("bf16") else ""
+        raise RecipeError(
+            f"{where}`{key}: true` needs {need}, which this machine lacks: set `{key}: false`{also} to run here, or "
+            "run on the machine the recipe is for (`ilr check` validates a recipe for it)."
+        )
 
 
 def _positive(key: str, value: int | float | None, *, allow_zero: bool = False) -> None:
@@ -204,12 +254,20 @@ class AgentConfig(ModelConfig):
             raise RecipeError("Each agent needs `model_name_or_path`: set it to a Hub id or a local folder.")
         if self.name is None:
             self.name = self.model_name_or_path.rstrip("/").split("/")[-1]
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise RecipeError(
-                f"Agent name {self.name!r} may only use letters, digits, '.', '_' and '-' (it names metrics and "
-                "folders). Set `name:` for this agent."
+                f"Agent name {self.name!r} must start with a letter or digit and use only letters, digits, '.', '_' "
+                "and '-' (it names metrics, folders and command-line arguments). Set `name:` for this agent."
             )
-        _positive("learning_rate", self.learning_rate)
+        # The same ranges as the training config's own `learning_rate`, and as PEFT's `LoraConfig` needs.
+        _positive("learning_rate", self.learning_rate, allow_zero=True)
+        _positive("lora_r", self.lora_r)
+        _positive("lora_alpha", self.lora_alpha)
+        if not 0 <= self.lora_dropout < 1:
+            raise RecipeError(
+                f"`lora_dropout` must be in [0, 1) (got {self.lora_dropout}): set it to e.g. 0.05 for this agent."
+            )
+        _check_hardware(self, AGENT_GPU_SETTINGS, where=f"agent {self.name}: ")
 
 
 def _parse_agent(index: int, raw: Any) -> AgentConfig:
@@ -228,17 +286,15 @@ def _parse_agent(index: int, raw: Any) -> AgentConfig:
             did_you_mean = f" Did you mean `{hint[0]}`?" if hint else ""
             raise RecipeError(f"Unknown key `{key}` in `{where}`.{did_you_mean} Valid keys: {sorted(known)}.")
     parser = _RecipeParser((AgentConfig,), context=where)
-    # Values go through argparse as strings so that an agent is type-checked exactly like a CLI flag.
-    argv: list[str] = []
-    for key, value in raw.items():
-        if value is None:
-            continue
-        argv.append(f"--{key}")
-        argv.extend(str(item) for item in value) if isinstance(value, list) else argv.append(str(value))
+    # Values are converted like top-level YAML values (each with its command-line flag's type and choices); none goes
+    # through argparse's command line, where a value starting with `-` would read as a flag.
     try:
-        (agent,) = parser.parse_args_into_dataclasses(args=argv)
+        parser.set_defaults_with_config(**{key: value for key, value in raw.items() if value is not None})
+        (agent,) = parser.parse_args_into_dataclasses(args=[])
     except RecipeError as error:
         raise RecipeError(f"In `{where}`: {error}") from None
+    except ValueError as error:  # TRL's own `ModelConfig` checks
+        raise RecipeError(f"In `{where}`: {error}. Fix it in the recipe.") from None
     return agent
 
 
@@ -415,6 +471,8 @@ class ILRConfig(GRPOConfig):
         _positive("irt_scale", self.irt_scale)
         _positive("calibration_eps", self.calibration_eps)
         self._check_grpo_settings()
+        self._warn_special_values()
+        _check_hardware(self, GPU_SETTINGS, use_cpu=self.use_cpu)
         if not self.train_stages:
             raise RecipeError("`train_stages` is empty: train at least one of share, analyse, fuse.")
         for stage in self.train_stages:
@@ -462,7 +520,7 @@ class ILRConfig(GRPOConfig):
             "epsilon_high",
         ):
             _positive(key, getattr(self, key))
-        for key in ("learning_rate", "beta", "num_train_epochs"):
+        for key in ("learning_rate", "beta", "num_train_epochs", "warmup_steps"):
             _positive(key, getattr(self, key), allow_zero=True)
         if self.num_generations < 2:
             raise RecipeError(
@@ -475,6 +533,30 @@ class ILRConfig(GRPOConfig):
             raise RecipeError(
                 f"Training has no length: `max_steps` is {self.max_steps} and `num_train_epochs` is "
                 f"{self.num_train_epochs}. Set `max_steps` > 0, or `num_train_epochs` > 0."
+            )
+
+    def _warn_special_values(self) -> None:
+        """Values that look like mistakes but have a meaning: accepted, with one line saying what they do."""
+        saves_by_steps = str(getattr(self.save_strategy, "value", self.save_strategy)) == "steps"
+        if saves_by_steps and self.save_steps <= 0:
+            if self.method == "grpo":  # transformers' Trainer would divide by it
+                raise RecipeError(
+                    f"`save_steps: {self.save_steps}` is not supported by the `grpo` baseline (transformers' Trainer): "
+                    "set `save_steps` > 0, or `save_strategy: no` to save no checkpoint."
+                )
+            logger.warning(
+                "`save_steps: %g` saves a checkpoint only at the end of training (set it > 0 to save every N steps, "
+                "or `save_strategy: no` for none).",
+                self.save_steps,
+            )
+        if self.logging_steps < 0:  # 0 is refused by transformers
+            logger.warning(
+                "`logging_steps: %g` logs metrics only at the last step (set it > 0 to log every N steps).",
+                self.logging_steps,
+            )
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            logger.warning(
+                "`max_grad_norm: %g` turns gradient clipping off (set it > 0, e.g. 1.0, to clip).", self.max_grad_norm
             )
 
     def _explain_generation_batch(self, error: ValueError) -> None:
@@ -533,19 +615,27 @@ class _RecipeParser(TrlParser):
         return super().set_defaults_with_config(**kwargs)
 
 
+_AGENTS_FIX = (
+    "in the recipe write each agent as a `- model_name_or_path: org/model` item; on the command line pass a JSON list, "
+    'e.g. `--agents \'[{"model_name_or_path": "org/model"}]\'`'
+)
+
+
 def _json_list(text: str) -> list:
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"expected a JSON list ({error})") from None
+    except json.JSONDecodeError:
+        value = None
     if not isinstance(value, list):
-        raise argparse.ArgumentTypeError("expected a JSON list")
+        raise argparse.ArgumentTypeError(f"must be a list of agents (got {text!r}): {_AGENTS_FIX}")
     return value
 
 
 def _check_recipe_value(action: argparse.Action, value: Any, scalar_type: type | None) -> Any:
     """Converts a YAML value with the same `type` and `choices` the command-line flag uses."""
     key = action.dest
+    if action.type is _json_list and value is not None and not isinstance(value, list):
+        raise RecipeError(f"`{key}` must be a list of agents (got {type(value).__name__} {value!r}): {_AGENTS_FIX}.")
     if value is None or action.type is None or action.type is _json_list:
         return value
     if action.nargs in ("+", "*"):
@@ -583,13 +673,19 @@ def _convert(key: str, action: argparse.Action, value: Any, scalar_type: type | 
     return converted
 
 
-def parse_recipe(args: Iterable[str] | None = None) -> tuple[ILRScriptArguments, AgentsArguments, ILRConfig]:
+def parse_recipe(
+    args: Iterable[str] | None = None, *, hardware_notes: list[str] | None = None
+) -> tuple[ILRScriptArguments, AgentsArguments, ILRConfig]:
     """
     Parses `--config recipe.yaml` plus command-line overrides into the three config objects.
 
     Args:
         args (`Iterable[str]`, *optional*):
             Command-line arguments; defaults to `sys.argv[1:]`. CLI flags override the YAML file.
+        hardware_notes (`list[str]`, *optional*):
+            Validate the recipe for the machine it is meant for, not this one (`ilr check`): a setting that needs
+            hardware this machine lacks (`bf16` without a GPU, `load_in_4bit`, ...) is turned off and noted here
+            instead of raising. Without it, such a setting is a [`RecipeError`].
 
     Returns:
         `tuple[ILRScriptArguments, AgentsArguments, ILRConfig]`: the validated configuration.
@@ -600,6 +696,7 @@ def parse_recipe(args: Iterable[str] | None = None) -> tuple[ILRScriptArguments,
     """
     args = list(sys.argv[1:] if args is None else args)
     parser = _RecipeParser((ILRScriptArguments, AgentsArguments, ILRConfig))
+    notes_token = _HARDWARE_NOTES.set(hardware_notes)
     try:
         script_args, agents_args, training_args = parser.parse_args_and_config(args)
     except RecipeError:
@@ -609,6 +706,8 @@ def parse_recipe(args: Iterable[str] | None = None) -> tuple[ILRScriptArguments,
         raise RecipeError(f"The `--config` file is not valid YAML ({problem}). Fix the syntax there.") from None
     except (TypeError, ValueError) as error:  # raised by TRL's / transformers' own __post_init__ checks
         raise RecipeError(f"{error} Fix it in the recipe or on the command line.") from error
+    finally:
+        _HARDWARE_NOTES.reset(notes_token)
     if training_args.method == "ilr" and len(agents_args.agents) < 2:
         raise RecipeError(
             f"`method: ilr` trains two or more agents together (got {len(agents_args.agents)}). Add an agent, or use "
