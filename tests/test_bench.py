@@ -88,3 +88,12 @@ def test_gpu_check_plans_a_half_billion_model_and_runs_tiny_on_cpu(tmp_path, res
     assert step["trained_prompt_tokens"] > 0 and step["update_s"] > 0
     assert written["tokenizer_vocab"] < written["model"]["vocab_size"]
     assert step["mfu"] is None  # no peak FLOPs for a CPU
+
+
+def test_cli_startup_profile_attributes_import_time_to_packages():
+    bench = load_script("bench_cli_startup")
+    profile = dict(bench.import_profile([sys.executable, "-c", "import email.parser"], top=50))
+    assert profile.get("email", 0) > 0  # email.parser and its submodules, summed under their package
+    assert not any("." in package for package in profile)
+    commands = bench._commands(bench.DEFAULT_RECIPE)
+    assert list(commands) == ["baseline", "help", "check"] and bench.DEFAULT_RECIPE.is_file()
