@@ -31,6 +31,9 @@ from ilr.rewards import accuracy_reward, check_golds, get_reward_funcs, score_ma
 from test_evaluate import AnswerBackend, config_for, write_arithmetic
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _pool():
     yield
@@ -268,14 +271,13 @@ def test_check_validates_a_gpu_recipe_on_this_cpu_machine_with_notes(tmp_path):
     """The README's example recipe (bf16, no `use_cpu`) is checked for its GPU machine: notes, not errors."""
     recipe = REPO / "recipes" / "Llama-3.1-8B-Instruct_Qwen2.5-7B-Instruct" / "ilr" / "config_group1.yaml"
     result = subprocess.run(
-        [*_ilr_command(), "check", "--config", str(recipe), "--generation_backend", "transformers"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [*_ilr_command(), "check", "--config", str(recipe)], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
     assert "Recipe OK: method=ilr, 2 agent(s)" in result.stdout
     assert "note: `bf16: true` will need a GPU with bf16 support; not checked on this machine." in result.stdout
+    if not _vllm_installed():  # the recipe's `generation_backend: vllm`
+        assert "note: `generation_backend: vllm` will need vLLM" in result.stdout
     # The same recipe with a value error still fails, naming the key.
     result = subprocess.run(
         [*_ilr_command(), "check", "--config", str(recipe), "--generation_backend", "transformers", "--top_p", "2"],
@@ -284,6 +286,16 @@ def test_check_validates_a_gpu_recipe_on_this_cpu_machine_with_notes(tmp_path):
         timeout=300,
     )
     assert result.returncode == 2 and "`top_p` must be in (0, 1]" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted(REPO.glob("recipes/**/config_*.yaml")), ids=lambda path: str(path.relative_to(REPO / "recipes"))
+)
+def test_every_shipped_recipe_checks_for_its_machine(recipe):
+    notes: list[str] = []
+    _, agents_args, training_args = parse_recipe(["--config", str(recipe)], hardware_notes=notes)
+    assert len(agents_args.agents) == 1 if training_args.method == "grpo" else len(agents_args.agents) >= 2
+    assert all(note.endswith(("not checked on this machine.", "not installed here.")) for note in notes), notes
 
 
 @NEEDS_NO_GPU
@@ -307,9 +319,6 @@ def test_invalid_yaml_is_a_recipe_error(tmp_path):
     path.write_text("num_generations: [4\nmax_steps: 1\n")
     with pytest.raises(RecipeError, match=r"`--config` file is not valid YAML.*line 1.*Fix the syntax"):
         parse_recipe(["--config", str(path)])
-
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _ilr_command() -> list[str]:

@@ -494,7 +494,13 @@ class ILRConfig(GRPOConfig):
                 "`use_vllm`; the backend is one setting for ILR and the baseline."
             )
         if self.generation_backend != "transformers":
-            if importlib.util.find_spec("vllm") is None:
+            notes = _HARDWARE_NOTES.get()
+            if importlib.util.find_spec("vllm") is None and notes is not None:
+                notes.append(
+                    f"`generation_backend: {self.generation_backend}` will need vLLM (`pip install -e '.[vllm]'`, "
+                    "CUDA machines); not installed here."
+                )
+            elif importlib.util.find_spec("vllm") is None:
                 raise RecipeError(
                     f"`generation_backend: {self.generation_backend}` needs vLLM, which is not installed. Install it "
                     "with `pip install -e '.[vllm]'` (CUDA machines only), or use `generation_backend: transformers`."
