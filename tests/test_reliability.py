@@ -26,7 +26,7 @@ from ilr import cli, rewards, sandbox
 from ilr.cards import write_card
 from ilr.configs import RecipeError, parse_recipe
 from ilr.data import DEFAULT_MAX_QUESTION_CHARS, DataError, load_benchmark, load_custom_dataset
-from ilr.evaluate import EvaluationError, load_results, run_evaluation
+from ilr.evaluate import EvaluationError, format_summary, load_results, run_evaluation
 from ilr.rewards import accuracy_reward, check_golds, get_reward_funcs, score_math, shutdown_reward_pool
 from test_evaluate import AnswerBackend, config_for, write_arithmetic
 
@@ -547,6 +547,7 @@ def test_skipped_lines_are_recorded_in_the_results_and_shown_in_the_card(tmp_pat
     results = run_evaluation(config_for(tmp_path, data, skip_bad_lines=True), backends=[AnswerBackend("fake")])
     entry = results["fake"]["benchmarks"]["gsm8k"]
     assert (entry["data"]["n_problems"], entry["data"]["n_skipped_lines"]) == (6, 2)
+    assert "(n=6, 2 unreadable lines skipped)" in format_summary(results["fake"])
     files = write_card(tmp_path / "out" / "results_fake.json", tmp_path / "card")
     card = files["README.md"].read_text()
     assert "**Unreadable data lines were skipped** (GSM8K: 2 lines; `--skip_bad_lines`)" in card

@@ -1239,7 +1239,9 @@ def format_summary(results: dict[str, Any]) -> str:
     lines = [f"{results['model']['name']} ({results['protocol']['name']}):"]
     for name, entry in results["benchmarks"].items():
         extra = "".join(f"  {key} {pct(value)}" for key, value in entry["metrics"].items() if key != "accuracy")
-        line = f"  {name:<14} accuracy {pct(entry['metrics']['accuracy'])}{extra}  (n={entry['data']['n_problems']})"
+        skipped = entry["data"].get("n_skipped_lines") or 0
+        n = f"n={entry['data']['n_problems']}" + (f", {skipped} unreadable lines skipped" if skipped else "")
+        line = f"  {name:<14} accuracy {pct(entry['metrics']['accuracy'])}{extra}  ({n})"
         if "comparison" in entry:
             line += f"  vs baseline {pct(entry['comparison']['difference'])}"
         lines.append(line)
