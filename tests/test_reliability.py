@@ -186,6 +186,16 @@ BROKEN_RECIPES = [
     _case(
         "agent-lora-r-not-a-number", {"agents": [{**AGENT_A, "lora_r": "-eight"}, AGENT_B]}, "lora_r", also="integer"
     ),
+    _case(
+        "agent-4bit-and-8bit",
+        {"agents": [{**AGENT_A, "load_in_4bit": True, "load_in_8bit": True}, AGENT_B]},
+        "load_in_8bit",
+        also="load_in_4bit",
+    ),
+    _case(
+        "agent-port-out-of-range", {"agents": [{**AGENT_A, "vllm_server_port": 70000}, AGENT_B]}, "vllm_server_port"
+    ),
+    _case("agent-quant-type-unknown", {"agents": [{**AGENT_A, "bnb_4bit_quant_type": "int4"}, AGENT_B]}, "bnb_4bit"),
     _case("agents-a-string", {"agents": "abc"}, "agents", also=r"must be a list of agents \(got str 'abc'\)"),
     _case("warmup-steps-negative", {"warmup_steps": -0.03}, "warmup_steps", also=r">= 0 \(got -0.03\)"),
     _case(

@@ -249,6 +249,8 @@ class AgentConfig(ModelConfig):
     vllm_group_port: int | None = field(default=None, metadata={"help": "Weight-sync port of this agent's server."})
 
     def __post_init__(self):
+        if self.load_in_4bit and self.load_in_8bit:  # TRL's own message names neither key
+            raise RecipeError("Set one of `load_in_4bit` and `load_in_8bit` for this agent, not both.")
         super().__post_init__()
         if not self.model_name_or_path:
             raise RecipeError("Each agent needs `model_name_or_path`: set it to a Hub id or a local folder.")
@@ -267,6 +269,10 @@ class AgentConfig(ModelConfig):
             raise RecipeError(
                 f"`lora_dropout` must be in [0, 1) (got {self.lora_dropout}): set it to e.g. 0.05 for this agent."
             )
+        for key in ("vllm_server_port", "vllm_group_port"):
+            port = getattr(self, key)
+            if port is not None and not 0 < port < 65536:
+                raise RecipeError(f"`{key}` must be a TCP port in 1-65535 (got {port}): set it for this agent.")
         _check_hardware(self, AGENT_GPU_SETTINGS, where=f"agent {self.name}: ")
 
 
