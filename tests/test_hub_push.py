@@ -18,11 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import HUB_TOKEN
-from hub_server import Fault
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.utils import filter_repo_objects
 
+from conftest import HUB_TOKEN
+from hub_server import Fault
 from ilr.cards import build_training_card, redact_recipe
 from ilr.hub import (
     DEFAULT_PUSH_IGNORE_PATTERNS,
@@ -194,9 +194,7 @@ def test_a_commit_interrupted_mid_upload_is_retried_by_the_client_and_lands_whol
     assert pushed["model.safetensors"] == (folder / "model.safetensors").read_bytes()
 
 
-def test_a_push_that_keeps_failing_is_reported_and_leaves_the_local_files_identical(
-    hub_online, api, run_dir, caplog
-):
+def test_a_push_that_keeps_failing_is_reported_and_leaves_the_local_files_identical(hub_online, api, run_dir, caplog):
     hub = hub_online
     folder = write_checkpoint(run_dir, 10)
     before = tree_digest(run_dir)
