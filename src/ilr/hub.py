@@ -146,7 +146,12 @@ def download_model(
         `HubUnavailableError`: offline without a cached copy, or the repository/revision cannot be reached.
     """
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     patterns = list(allow_patterns) if allow_patterns else None
     if hub_offline():
@@ -159,13 +164,19 @@ def download_model(
         # In the cache the snapshot folder is named after its commit; a local_dir copy does not say.
         sha = Path(folder).name if local_dir is None else None
         return folder, sha
+    api = HfApi(token=token)
     try:
-        sha = HfApi(token=token).model_info(repo_id, revision=revision).sha
+        sha = api.model_info(repo_id, revision=revision).sha
         folder = snapshot_download(repo_id, revision=sha, local_dir=local_dir, allow_patterns=patterns, token=token)
     except RepositoryNotFoundError as error:
         raise HubUnavailableError(
             f"{repo_id} is not a Hub model repository (or it is private: log in with `hf auth login`). For a model "
             "on disk pass its folder path."
+        ) from error
+    except RevisionNotFoundError as error:
+        raise HubUnavailableError(
+            f"{repo_id} has no revision {revision!r}: pass one of its branches or tags ({_refs_of(api, repo_id)}) "
+            "or a commit sha."
         ) from error
     except (HfHubHTTPError, OSError) as error:
         raise HubUnavailableError(
@@ -173,6 +184,18 @@ def download_model(
         ) from error
     logger.info("Downloaded %s@%s to %s", repo_id, sha, folder)
     return folder, sha
+
+
+def _refs_of(api: Any, repo_id: str) -> str:
+    """The branch and tag names of a repository, for an error message (what the listing failure was, if it fails)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        refs = api.list_repo_refs(repo_id)
+    except (HfHubHTTPError, OSError) as error:
+        return f"could not list them: {_error_line(error)}"
+    names = [ref.name for ref in [*refs.branches, *refs.tags]]
+    return ", ".join(sorted(names, key=lambda name: (name != "main", name))) or "none"
 
 
 def resolve_model(name_or_path: str, *, revision: str | None = None, **kwargs) -> tuple[str, str | None]:
