@@ -105,10 +105,15 @@ def _hub_server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def hub(_hub_server):
-    """The Hub test server, empty: no repository, fault or recorded request. `hub.url` is its endpoint."""
+    """
+    The Hub test server, empty: no repository, fault or recorded request. `hub.url` is its endpoint. A test fails if a
+    client called an endpoint the server does not implement (a library upgrade that changed what it calls).
+    """
     _hub_server.reset()
     yield _hub_server
+    unserved = _hub_server.unserved()
     _hub_server.reset()
+    assert not unserved, f"the clients called endpoints the Hub test server does not serve: {unserved}"
 
 
 @pytest.fixture

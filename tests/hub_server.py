@@ -78,6 +78,7 @@ class Request:
     query: dict[str, list[str]]
     status: int
     authorized: bool
+    served: bool = True
 
 
 class HubError(Exception):
@@ -292,6 +293,10 @@ class HubServer:
         """The requests seen, as `METHOD path -> status`, in order."""
         return [f"{r.method} {r.path} -> {r.status}" for r in self.requests]
 
+    def unserved(self) -> list[str]:
+        """Requests for endpoints the server does not implement: a client that changed what it calls."""
+        return [f"{r.method} {r.path}" for r in self.requests if not r.served]
+
     def hits(self, method: str, pattern: str) -> list[Request]:
         return [r for r in self.requests if r.method == method and re.search(pattern, r.path)]
 
@@ -347,7 +352,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         self._status = 0
         self._body_read = False
         token = self._token()
-        record = Request(method, path, query, 0, token is not None and token in self.hub.tokens)
+        record = self._record = Request(method, path, query, 0, token is not None and token in self.hub.tokens)
         with self.hub._lock:
             self.hub.requests.append(record)
         try:
@@ -382,6 +387,7 @@ class _HubHandler(BaseHTTPRequestHandler):
             match = pattern.match(path)
             if match and route_method == lookup:
                 return getattr(self, f"_{name}")(match, query)
+        self._record.served = False  # see `HubServer.unserved`
         raise HubError(404, f"not served by the test Hub: {method} {path}")
 
     # Helpers ----------------------------------------------------------------------------------------------------

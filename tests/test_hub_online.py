@@ -193,6 +193,7 @@ def test_ilr_download_gets_the_revisions_files_not_mains(hub, released, tiny_mod
     result = run_ilr(hub, ["download", "org/tiny", "--revision", "step-000002", "--local_dir", str(target)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith(f"org/tiny@{released['step-000002']} -> {target}")
+    assert hub.endpoints()[0] == "GET /api/models/org/tiny/revision/step-000002 -> 200"  # resolved to its sha first
     downloaded = {name: data for name, data in tree_bytes(target).items() if not name.startswith(".cache/")}
     assert downloaded == tree_bytes(Path(tiny_model_a))
     commits = {r.path.split("/")[4] for r in hub.hits("GET", r"^/org/tiny/resolve/")}

@@ -123,6 +123,14 @@ def test_checkpoints_go_to_step_branches_in_order_and_the_final_model_to_main(hu
     assert [r.attempts for r in results] == [1] * 4
     assert [f.result() for f in futures] == results
     assert all(r.url.startswith(f"{hub.url}/{REPO_ID}/commit/") for r in results)
+    # What the real client called: the repository once, then per push its branch (none for main), the upload modes
+    # and the commit, in the order queued; the card's metadata is validated before the final commit.
+    api_path = f"/api/models/{REPO_ID}"
+    expected = ["POST /api/repos/create"]
+    for revision in ("step-000010", "step-000020", "step-000030"):
+        expected += [f"POST {api_path}/{kind}/{revision}" for kind in ("branch", "preupload", "commit")]
+    expected += ["POST /api/validate-yaml", f"POST {api_path}/preupload/main", f"POST {api_path}/commit/main"]
+    assert hub.endpoints() == [f"{endpoint} -> 200" for endpoint in expected]
     # One private repository, one branch per step (none for main), commits in the order queued.
     assert hub.repo("model", REPO_ID).meta["private"] is True
     assert len(hub.hits("POST", r"^/api/repos/create$")) == 1

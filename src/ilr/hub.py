@@ -399,7 +399,7 @@ class HubPusher:
             system (e.g. `<output_dir>/.hub_staging`, outside any `checkpoint-*` folder) so snapshots are free hard
             links; a private temporary folder when not given (copies when it is on another file system).
         api (`huggingface_hub.HfApi`, *optional*):
-            The Hub client; `HfApi(token=token)` when not given. Tests pass a fake here.
+            The Hub client; `HfApi(token=token)` when not given (tests pass one pointed at their Hub server).
         sleep (`Callable[[float], None]`, *optional*, defaults to `time.sleep`):
             Waits between attempts.
     """
