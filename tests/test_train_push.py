@@ -98,6 +98,10 @@ def _assert_no_secret(tmp_path: Path, *texts: str) -> None:
 def test_each_agent_pushes_step_branches_then_its_final_model_with_a_card(
     tmp_path, tiny_model_a, tiny_model_b, hub, caplog, capsys
 ):
+    # A flaky Hub: repository creation fails once (retried by the pusher), an upload loses its connection mid-body
+    # once (retried by huggingface_hub itself); everything lands all the same.
+    hub.inject(Fault("POST", r"^/api/repos/create$", 503))
+    hub.inject(Fault("POST", r"/commit/step-000002$", drop=True))
     recipe = _recipe(tmp_path, tiny_model_a, tiny_model_b)
     with caplog.at_level(logging.INFO):
         folders = main(
@@ -138,6 +142,8 @@ def test_each_agent_pushes_step_branches_then_its_final_model_with_a_card(
         "/api/models/org/a-ilr/commit/main"
     )
     assert all(r.authorized for r in hub.requests)  # with the recipe's token, not the stale one in HF_TOKEN
+    assert [r.status for r in hub.hits("POST", r"^/api/repos/create$")] == [503, 200, 200]
+    assert [r.status for r in hub.hits("POST", r"/commit/step-000002$")] == [-1, 200, 200]
     assert "3 of 3 pushes to org/a-ilr succeeded" in caplog.text
     _assert_no_secret(tmp_path, caplog.text, capsys.readouterr().out)
 
