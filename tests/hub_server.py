@@ -718,7 +718,7 @@ _ONLINE_ENV = {
 }
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     """In the child before exec: SIGKILL it when the test process dies, however it dies."""
     import ctypes
     import os
@@ -726,7 +726,7 @@ def _die_with_parent() -> None:
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the parent died before the line above
+    if os.getppid() != parent_pid:  # the parent died before the line above
         os._exit(1)
 
 
@@ -748,6 +748,7 @@ def run_client(
     Returns:
         `subprocess.CompletedProcess`: With text `stdout` and `stderr`.
     """
+    import functools
     import os
     import subprocess
 
@@ -764,5 +765,5 @@ def run_client(
         capture_output=True,
         text=True,
         timeout=timeout,
-        preexec_fn=_die_with_parent,
+        preexec_fn=functools.partial(_die_with_parent, os.getpid()),
     )
