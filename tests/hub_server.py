@@ -52,6 +52,9 @@ class Fault:
             Extra response headers (e.g. `{"Retry-After": "1"}`).
         drop (`bool`, *optional*, defaults to `False`):
             Read half of the request body, then close the connection without answering (a connection lost mid-upload).
+        truncate (`bool`, *optional*, defaults to `False`):
+            Handle the request, but close the connection halfway through the response body (a download cut off);
+            recorded with status `-2`.
         message (`str`, *optional*):
             Error message of the answer (`{"error": message}`); a generic one when not given.
         gate (`threading.Event`, *optional*):
@@ -64,6 +67,7 @@ class Fault:
     times: int = 1
     headers: dict[str, str] = field(default_factory=dict)
     drop: bool = False
+    truncate: bool = False
     message: str | None = None
     gate: threading.Event | None = None
     hits: int = 0
@@ -79,6 +83,7 @@ class Request:
     status: int
     authorized: bool
     served: bool = True
+    range: str | None = None
 
 
 class HubError(Exception):
@@ -351,8 +356,10 @@ class _HubHandler(BaseHTTPRequestHandler):
         path, query = parts.path, parse_qs(parts.query)
         self._status = 0
         self._body_read = False
+        self._truncate = False
         token = self._token()
-        record = self._record = Request(method, path, query, 0, token is not None and token in self.hub.tokens)
+        authorized = token is not None and token in self.hub.tokens
+        record = self._record = Request(method, path, query, 0, authorized, range=self.headers.get("Range"))
         with self.hub._lock:
             self.hub.requests.append(record)
         try:
@@ -363,7 +370,8 @@ class _HubHandler(BaseHTTPRequestHandler):
                 self._drop_connection()
                 record.status = -1
                 return
-            if fault is not None and fault.status:
+            self._truncate = fault is not None and fault.truncate
+            if fault is not None and fault.status and not fault.truncate:
                 record.status = fault.status
                 message = fault.message or f"injected {fault.status}"
                 self._json(fault.status, {"error": message}, {"X-Error-Message": message, **fault.headers})
@@ -376,7 +384,7 @@ class _HubHandler(BaseHTTPRequestHandler):
             if error.error_code:
                 headers["X-Error-Code"] = error.error_code
             self._json(error.status, {"error": str(error)}, headers)
-        record.status = self._status
+        record.status = -2 if self._truncate else self._status
 
     def _route(self, method: str, path: str, query: dict[str, list[str]]) -> None:
         lookup = "GET" if method == "HEAD" else method
@@ -432,8 +440,15 @@ class _HubHandler(BaseHTTPRequestHandler):
         if "Content-Length" not in headers:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if not head:
-            self.wfile.write(body)
+        if head:
+            return
+        if self._truncate:
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body)
 
     def _json(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
         body = json.dumps(payload).encode()

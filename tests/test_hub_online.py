@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import HUB_TOKEN
-from hub_server import HubServer, run_client
+from hub_server import Fault, HubServer, run_client
 
 
 ILR = str(Path(sys.executable).with_name("ilr"))
@@ -190,6 +190,10 @@ def released(hub, tiny_model_a, tiny_model_b) -> dict[str, str]:
 
 def test_ilr_download_gets_the_revisions_files_not_mains(hub, released, tiny_model_a, tiny_model_b, tmp_path):
     target = tmp_path / "step2"
+    # The weights' download is cut off halfway (the client retries it at once), then the Hub is briefly unavailable
+    # (`download_model` retries after 2 s): the files arrive whole.
+    hub.inject(Fault("GET", r"/resolve/.*/model\.safetensors$", truncate=True))
+    hub.inject(Fault("GET", r"/resolve/.*/model\.safetensors$", 503))
     result = run_ilr(hub, ["download", "org/tiny", "--revision", "step-000002", "--local_dir", str(target)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith(f"org/tiny@{released['step-000002']} -> {target}")
@@ -198,6 +202,9 @@ def test_ilr_download_gets_the_revisions_files_not_mains(hub, released, tiny_mod
     assert downloaded == tree_bytes(Path(tiny_model_a))
     commits = {r.path.split("/")[4] for r in hub.hits("GET", r"^/org/tiny/resolve/")}
     assert commits == {released["step-000002"]}
+    weights = [r.status for r in hub.hits("GET", r"/resolve/.*/model\.safetensors$")]
+    assert weights[:2] == [-2, 503] and weights[2] in (200, 206) and len(weights) == 3  # whole or resumed
+    assert "resuming in 2 s (retry 1/3)" in result.stderr
 
     # Without a revision: main, into the Hugging Face cache, in a snapshot folder named after the commit.
     result = run_ilr(hub, ["download", "org/tiny"], tmp_path)

@@ -118,6 +118,8 @@ def download_model(
     local_dir: str | os.PathLike | None = None,
     allow_patterns: Sequence[str] | None = None,
     token: str | None = None,
+    max_retries: int = 3,
+    backoff: float = 2.0,
 ) -> tuple[str, str | None]:
     """
     Download a model snapshot from the Hub, pinned to one commit; an interrupted download resumes.
@@ -137,6 +139,11 @@ def download_model(
             Only files matching these glob patterns (e.g. one GGUF file of a repository with many).
         token (`str`, *optional*):
             Hub token for private or gated repositories; the saved login is used when not given.
+        max_retries (`int`, *optional*, defaults to `3`):
+            Retries after a transient error (5xx, 429, timeout, lost connection), each resuming the files already
+            downloaded; `huggingface_hub` retries some requests itself, but not a file download answered with a 5xx.
+        backoff (`float`, *optional*, defaults to `2.0`):
+            Seconds before the first retry, doubled at each retry.
 
     Returns:
         `tuple[str, str | None]`: The local folder and the commit sha (`None` when only a cached copy was found
@@ -165,9 +172,29 @@ def download_model(
         sha = Path(folder).name if local_dir is None else None
         return folder, sha
     api = HfApi(token=token)
+    sha = None
     try:
-        sha = api.model_info(repo_id, revision=revision).sha
-        folder = snapshot_download(repo_id, revision=sha, local_dir=local_dir, allow_patterns=patterns, token=token)
+        for attempt in range(max_retries + 1):
+            try:
+                sha = sha or api.model_info(repo_id, revision=revision).sha
+                folder = snapshot_download(
+                    repo_id, revision=sha, local_dir=local_dir, allow_patterns=patterns, token=token
+                )
+                break
+            except Exception as error:
+                if attempt == max_retries or not _is_transient(error):
+                    raise
+                delay = backoff * 2**attempt
+                logger.warning(
+                    "Download of %s@%s interrupted (%s); resuming in %.0f s (retry %d/%d).",
+                    repo_id,
+                    revision or "main",
+                    _error_line(error, token),
+                    delay,
+                    attempt + 1,
+                    max_retries,
+                )
+                time.sleep(delay)
     except RepositoryNotFoundError as error:
         raise HubUnavailableError(
             f"{repo_id} is not a Hub model repository (or it is private: log in with `hf auth login`). For a model "
