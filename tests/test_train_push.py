@@ -29,7 +29,7 @@ ENV_TOKEN = "hf_FAKEenvTOKEN9876543210fedcba"  # a stale login the recipe's toke
 
 
 @pytest.fixture
-def hub(hub_online, monkeypatch):
+def run_hub(hub_online, monkeypatch):
     """The test Hub, reached by every `HfApi` the run creates; no sleeping between the pushers' retries."""
     monkeypatch.setattr(HubPusher, "__init__", functools.partialmethod(HubPusher.__init__, sleep=lambda s: None))
     monkeypatch.setenv("HF_TOKEN", ENV_TOKEN)
@@ -96,12 +96,12 @@ def _assert_no_secret(tmp_path: Path, *texts: str) -> None:
 
 
 def test_each_agent_pushes_step_branches_then_its_final_model_with_a_card(
-    tmp_path, tiny_model_a, tiny_model_b, hub, caplog, capsys
+    tmp_path, tiny_model_a, tiny_model_b, run_hub, caplog, capsys
 ):
     # A flaky Hub: repository creation fails once (retried by the pusher), an upload loses its connection mid-body
     # once (retried by huggingface_hub itself); everything lands all the same.
-    hub.inject(Fault("POST", r"^/api/repos/create$", 503))
-    hub.inject(Fault("POST", r"/commit/step-000002$", drop=True))
+    run_hub.inject(Fault("POST", r"^/api/repos/create$", 503))
+    run_hub.inject(Fault("POST", r"/commit/step-000002$", drop=True))
     recipe = _recipe(tmp_path, tiny_model_a, tiny_model_b)
     with caplog.at_level(logging.INFO):
         folders = main(
@@ -112,18 +112,18 @@ def test_each_agent_pushes_step_branches_then_its_final_model_with_a_card(
 
     for agent in ("a", "b"):
         repo_id = f"org/{agent}-ilr"
-        assert hub.repo("model", repo_id).meta["private"] is True
-        assert set(hub.branches(repo_id)) == {"main", "step-000002", "step-000004"}
+        assert run_hub.repo("model", repo_id).meta["private"] is True
+        assert set(run_hub.branches(repo_id)) == {"main", "step-000002", "step-000004"}
         for step in (2, 4):
-            pushed = hub.files_at(repo_id, f"step-00000{step}")
+            pushed = run_hub.files_at(repo_id, f"step-00000{step}")
             local = out / f"checkpoint-{step}" / agent
             # The agent's checkpoint as saved (weights byte for byte) plus the trainer state; no optimizer state.
             assert pushed["model.safetensors"] == (local / "model.safetensors").read_bytes()
             assert json.loads(pushed["trainer_state.json"])["global_step"] == step
             assert (local / "optimizer.pt").is_file() and not any("optimizer" in name for name in pushed)
             assert not any(name.endswith((".pt", ".pth")) for name in pushed)
-            assert hub.commit_messages(repo_id, f"step-00000{step}")[0] == f"ILR checkpoint, step {step}"
-        final = hub.files_at(repo_id, "main")
+            assert run_hub.commit_messages(repo_id, f"step-00000{step}")[0] == f"ILR checkpoint, step {step}"
+        final = run_hub.files_at(repo_id, "main")
         assert final["model.safetensors"] == (out / agent / "model.safetensors").read_bytes()
         assert "tokenizer.json" in final and "config.json" in final
         assert not any(name.endswith((".pt", ".pth")) for name in final)
@@ -131,28 +131,31 @@ def test_each_agent_pushes_step_branches_then_its_final_model_with_a_card(
         assert "ILR" in card and "Idea3" in card and "toy" in card and "learning_rate" in card
         assert "hub_token: <removed>" in card  # the recipe, without the token
         assert ModelCard(card).data.model_name == f"{agent}-ilr"
-        for branch in hub.branches(repo_id):  # no token in anything pushed
+        for branch in run_hub.branches(repo_id):  # no token in anything pushed
             assert not any(
-                TOKEN.encode() in data or ENV_TOKEN.encode() in data for data in hub.files_at(repo_id, branch).values()
+                TOKEN.encode() in data or ENV_TOKEN.encode() in data
+                for data in run_hub.files_at(repo_id, branch).values()
             )
-    assert "org/b-ilr" in hub.files_at("org/a-ilr")["README.md"].decode()  # the pairing
+    assert "org/b-ilr" in run_hub.files_at("org/a-ilr")["README.md"].decode()  # the pairing
     # The checkpoints were pushed as they were saved, before the final model.
-    commits = [r.path for r in hub.hits("POST", r"/commit/") if r.status == 200]
+    commits = [r.path for r in run_hub.hits("POST", r"/commit/") if r.status == 200]
     assert commits.index("/api/models/org/a-ilr/commit/step-000002") < commits.index(
         "/api/models/org/a-ilr/commit/main"
     )
-    assert all(r.authorized for r in hub.requests)  # with the recipe's token, not the stale one in HF_TOKEN
-    assert [r.status for r in hub.hits("POST", r"^/api/repos/create$")] == [503, 200, 200]
-    assert [r.status for r in hub.hits("POST", r"/commit/step-000002$")] == [-1, 200, 200]
+    assert all(r.authorized for r in run_hub.requests)  # with the recipe's token, not the stale one in HF_TOKEN
+    assert [r.status for r in run_hub.hits("POST", r"^/api/repos/create$")] == [503, 200, 200]
+    assert [r.status for r in run_hub.hits("POST", r"/commit/step-000002$")] == [-1, 200, 200]
     assert "3 of 3 pushes to org/a-ilr succeeded" in caplog.text
     _assert_no_secret(tmp_path, caplog.text, capsys.readouterr().out)
 
 
 def test_failed_pushes_are_reported_at_the_end_and_leave_the_local_files_intact(
-    tmp_path, tiny_model_a, tiny_model_b, hub, caplog, capsys
+    tmp_path, tiny_model_a, tiny_model_b, run_hub, caplog, capsys
 ):
     # The Hub is down for the whole run, with an error text that echoes the token, as a careless proxy might.
-    hub.inject(Fault("POST", r"^/api/repos/create$", 503, times=1000, message=f"Service Unavailable (token={TOKEN})"))
+    run_hub.inject(
+        Fault("POST", r"^/api/repos/create$", 503, times=1000, message=f"Service Unavailable (token={TOKEN})")
+    )
     recipe = _recipe(tmp_path, tiny_model_a, tiny_model_b)
     with caplog.at_level(logging.INFO):
         code_or_error = None
@@ -162,9 +165,9 @@ def test_failed_pushes_are_reported_at_the_end_and_leave_the_local_files_intact(
             code_or_error = str(error)
     assert code_or_error is not None and "6 Hub push(es) failed" in code_or_error
     assert "models are saved in" in code_or_error and "hf upload" in code_or_error
-    assert hub.hits("POST", r"/commit/") == [] and hub.repo("model", "org/a-ilr") is None
+    assert run_hub.hits("POST", r"/commit/") == [] and run_hub.repo("model", "org/a-ilr") is None
     # Every push was tried 1 + 5 times (the pusher's default retries).
-    assert len(hub.hits("POST", r"^/api/repos/create$")) == 6 * 6
+    assert len(run_hub.hits("POST", r"^/api/repos/create$")) == 6 * 6
 
     out = tmp_path / "out"
     assert (out / "a" / "model.safetensors").is_file() and (out / "checkpoint-4" / "b" / "optimizer.pt").is_file()
@@ -179,7 +182,7 @@ def test_failed_pushes_are_reported_at_the_end_and_leave_the_local_files_intact(
     _assert_no_secret(tmp_path, capsys.readouterr().out)
 
 
-def test_push_to_hub_needs_a_repository_per_agent(tmp_path, tiny_model_a, tiny_model_b, hub):
+def test_push_to_hub_needs_a_repository_per_agent(tmp_path, tiny_model_a, tiny_model_b, run_hub):
     recipe = yaml.safe_load(_recipe(tmp_path, tiny_model_a, tiny_model_b).read_text())
     del recipe["agents"][1]["hub_model_id"]
     path = tmp_path / "no_repo.yaml"
