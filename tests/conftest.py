@@ -86,3 +86,48 @@ def tiny_model_a(tiny_model_a_info: TinyModel) -> str:
 def tiny_model_b(tiny_model_b_info: TinyModel) -> str:
     """Path of tiny model B, for `from_pretrained`."""
     return tiny_model_b_info.path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Hub test server (tests/hub_server.py): one per run, emptied before each test that uses it
+# ---------------------------------------------------------------------------------------------------------------------
+HUB_TOKEN = "hf_TESTwriteTOKEN0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def _hub_server(tmp_path_factory: pytest.TempPathFactory):
+    from hub_server import USER, HubServer
+
+    server = HubServer(tmp_path_factory.mktemp("hub"), tokens={HUB_TOKEN: USER}).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub(_hub_server):
+    """
+    The Hub test server, empty: no repository, fault or recorded request. `hub.url` is its endpoint. A test fails if a
+    client called an endpoint the server does not implement (a library upgrade that changed what it calls).
+    """
+    _hub_server.reset()
+    yield _hub_server
+    unserved = _hub_server.unserved()
+    _hub_server.reset()
+    assert not unserved, f"the clients called endpoints the Hub test server does not serve: {unserved}"
+
+
+@pytest.fixture
+def hub_online(hub, monkeypatch):
+    """
+    Point `huggingface_hub` in this process at the test server and lift offline mode for one test, through the
+    library's own settings (`constants.ENDPOINT`, `constants.HF_HUB_OFFLINE`, read at each call) and the variables
+    `ilr.hub` checks. Code that must see `HF_ENDPOINT` at import time (`datasets`, the CLI) runs in a subprocess
+    instead (`hub_server.run_client`).
+    """
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "0")
+    return hub

@@ -162,7 +162,7 @@ def test_compare_prints_a_markdown_leaderboard(runs, capsys, tmp_path):
     assert "| mine |" in board
 
 
-def test_card_cli_writes_the_card_and_a_failed_push_keeps_it(runs, recipe, tmp_path, monkeypatch, capsys):
+def test_card_cli_writes_the_card_and_a_failed_push_keeps_it(runs, recipe, tmp_path, monkeypatch, capsys, request):
     out = tmp_path / "card"
     argv = [
         "card",
@@ -184,28 +184,27 @@ def test_card_cli_writes_the_card_and_a_failed_push_keeps_it(runs, recipe, tmp_p
     assert "HF_HUB_OFFLINE" in error and "stay on disk" in error and len(error.splitlines()) == 1
     assert (out / "README.md").is_file()
 
-    # Online but the Hub refuses: same, and the local files are untouched.
-    import httpx
-    import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError
+    # Online (the Hub test server), to a repository the token may not write to: refused in one line, the local files
+    # untouched, nothing committed.
+    from conftest import HUB_TOKEN
 
-    from ilr import hub
-
-    class RefusingApi:
-        def __init__(self, token=None):
-            pass
-
-        def create_commit(self, repo_id, operations, **kwargs):
-            assert {op.path_in_repo for op in operations} == {"README.md", CHART_FILE}
-            request = httpx.Request("POST", f"https://huggingface.co/api/models/{repo_id}/commit/main")
-            raise HfHubHTTPError("403 Forbidden: no write access", response=httpx.Response(403, request=request))
-
+    hub = request.getfixturevalue("hub_online")
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    hub.publish("someone-else/trained-model", {"config.json": "{}"})
     before = (out / "README.md").read_bytes()
-    monkeypatch.setattr(hub, "hub_offline", lambda: False)
-    monkeypatch.setattr(huggingface_hub, "HfApi", RefusingApi)
-    assert cli.main([*argv, "--push", "--repo_id", "org/trained-model"]) == 2
-    assert "403 Forbidden" in capsys.readouterr().err
+    assert cli.main([*argv, "--push", "--repo_id", "someone-else/trained-model"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "403 Forbidden" in error and "stay on disk" in error and len(error.splitlines()) == 1
     assert (out / "README.md").read_bytes() == before
+    assert set(hub.files_at("someone-else/trained-model")) == {"config.json"}
+
+    # To the model's own repository: the card and its chart land on main in one commit.
+    hub.publish("org/trained-model", {"config.json": "{}"})
+    assert cli.main([*argv, "--push", "--repo_id", "org/trained-model"]) == 0
+    assert f"Pushed: {hub.url}/org/trained-model/commit/" in capsys.readouterr().out
+    pushed = hub.files_at("org/trained-model")
+    assert pushed["README.md"] == before and pushed[CHART_FILE] == (out / CHART_FILE).read_bytes()
+    assert hub.commit_messages("org/trained-model")[0] == "Add ILR eval card"
 
 
 def test_card_for_a_local_model_needs_a_repo_id_to_push(runs, tmp_path, capsys):

@@ -325,8 +325,9 @@ def test_zero_usable_rows_raises(load, tmp_path, streaming):
 
 def test_missing_columns_and_files(load, tmp_path):
     files = write_jsonl(tmp_path / "wrong.jsonl", [{"problem": "q", "answer": "1"}])
-    with pytest.raises(ValueError, match=r"lacks columns \['question'\]"):
-        load("gsm8k", data_files=files)
+    for streaming in (False, True):
+        with pytest.raises(ValueError, match=r"lacks the columns \['question'\] .*`data_files`"):
+            load("gsm8k", data_files=files, streaming=streaming)
     with pytest.raises(FileNotFoundError):
         load("gsm8k", data_files=str(tmp_path / "absent.jsonl"))
     with pytest.raises(ValueError, match="dict from component name"):

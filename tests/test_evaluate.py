@@ -611,32 +611,6 @@ def test_offline_download_fails_at_once_with_the_fix(argv, tmp_path):
     assert elapsed < 3.0
 
 
-def test_download_pins_the_resolved_commit(monkeypatch, tmp_path):
-    import huggingface_hub
-
-    from ilr import hub
-
-    calls = {}
-
-    class FakeApi:
-        def __init__(self, token=None):
-            pass
-
-        def model_info(self, repo_id, revision=None):
-            calls["info"] = (repo_id, revision)
-            return type("Info", (), {"sha": "a" * 40})()
-
-    def fake_snapshot_download(repo_id, **kwargs):
-        calls["download"] = (repo_id, kwargs["revision"], kwargs["local_dir"])
-        return str(tmp_path)
-
-    monkeypatch.setattr(hub, "hub_offline", lambda: False)
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    assert hub.download_model("org/name", revision="v1") == (str(tmp_path), "a" * 40)
-    assert calls == {"info": ("org/name", "v1"), "download": ("org/name", "a" * 40, None)}
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # A real small model (slow)
 # ---------------------------------------------------------------------------------------------------------------------

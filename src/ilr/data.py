@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import datasets
 from datasets import Dataset, DatasetDict, Features, IterableDataset, List, Value
+from datasets.exceptions import DatasetNotFoundError
 
 from ilr.prompts import render
 from ilr.rewards import check_golds, extract_boxed
@@ -758,10 +759,23 @@ def _builds(values: list[Any]) -> bool:
     return True
 
 
+def _hub_origin(spec: BenchmarkSpec, load_kwargs: dict[str, Any]) -> str:
+    revision = load_kwargs.get("revision")
+    return f"{spec.hub_id}{f'@{revision}' if revision else ''} (Hub)"
+
+
 def _load_hub(
     spec: BenchmarkSpec, split: str, streaming: bool, load_kwargs: dict[str, Any]
 ) -> Dataset | IterableDataset:
-    return datasets.load_dataset(spec.hub_id, spec.config, split=split, streaming=streaming, **load_kwargs)
+    try:
+        return datasets.load_dataset(spec.hub_id, spec.config, split=split, streaming=streaming, **load_kwargs)
+    except DatasetNotFoundError as error:  # no such dataset or revision, or a private one without a token
+        raise DataError(
+            f"{spec.name}: cannot load {_hub_origin(spec, load_kwargs)}, config={spec.config}, split={split}: "
+            f"{str(error).splitlines()[0]} Check the dataset id and revision (log in with `hf auth login` for a "
+            f"private dataset), or pass `data_files` with local files in its raw schema (columns: "
+            f"{', '.join(spec.raw_columns)})."
+        ) from error
 
 
 def _load_raw(
@@ -820,13 +834,8 @@ def _normalize(
     verify_golds: bool,
 ) -> Dataset | IterableDataset:
     fn = partial(normalize_example, spec=spec)
+    _check_columns(raw, spec, origin)
     if isinstance(raw, Dataset):
-        missing = [c for c in spec.raw_columns if c not in raw.column_names]
-        if missing:
-            raise DataError(
-                f"{spec.name}: raw data lacks columns {missing} (has {raw.column_names}) in {origin}. Local files "
-                "must use the benchmark's own raw schema."
-            )
         ds = raw.map(fn, with_indices=True, remove_columns=raw.column_names, features=CANONICAL_FEATURES)
         return _drop_unusable(ds, spec, origin, max_question_chars, verify_golds)
     # Streamed features are often unknown, so the raw columns are dropped by selection rather than by name.
@@ -838,6 +847,22 @@ def _normalize(
             f"question (see the dropped rows above). {_schema_fix(spec)}"
         )
     return ds
+
+
+def _check_columns(raw: Dataset | IterableDataset, spec: BenchmarkSpec, origin: str) -> None:
+    """A `DataError` naming the missing columns when the data is not in the spec's raw schema."""
+    columns = raw.column_names
+    if columns is None:  # a stream whose features are not declared: its first row tells
+        first = next(iter(raw.take(1)), None)
+        if first is None:
+            return
+        columns = list(first)
+    missing = [c for c in spec.raw_columns if c not in columns]
+    if missing:
+        raise DataError(
+            f"{spec.name}: {origin} lacks the columns {missing} (it has {columns}). {_schema_fix(spec)} Files in "
+            "that schema can be passed as `data_files`."
+        )
 
 
 def _drop_unusable(
@@ -961,7 +986,7 @@ def load_benchmark(
     else:
         if isinstance(data_files, dict):
             raise ValueError(f"{spec.name}: `data_files` must be a path or a list of paths.")
-        origin = ", ".join(_as_file_list(data_files)) if data_files is not None else f"{spec.hub_id} (Hub)"
+        origin = ", ".join(_as_file_list(data_files)) if data_files is not None else _hub_origin(spec, load_kwargs)
         raw = _load_raw(spec, data_files, split, streaming, load_kwargs)
         ds = _normalize(raw, spec, origin, max_question_chars, verify_golds)
     if limit is not None:

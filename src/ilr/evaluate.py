@@ -746,25 +746,31 @@ class _BenchmarkRun:
     wall_s: float
 
 
+def _load_rows(name: str, config: EvalConfig) -> Any:
+    """A benchmark's rows for evaluation: every problem is kept, so that scores stay comparable with published ones (a
+    gold math-verify cannot read is scored `None` and counted as unscored, not dropped)."""
+    from ilr.data import load_benchmark
+
+    return load_benchmark(
+        name, data_files=config.data_files.get(name), streaming=config.streaming, limit=config.limit,
+        verify_golds=False, max_question_chars=None,
+    )  # fmt: skip
+
+
 def _evaluate_benchmark(
     name: str,
     config: EvalConfig,
     backends: list[GenerationBackend],
     runner: Callable,
     output_dir: Path,
+    rows: Any,
 ) -> _BenchmarkRun:
-    from ilr.data import canonical_row_bytes, get_spec, load_benchmark
+    from ilr.data import canonical_row_bytes, get_spec
 
     start = time.perf_counter()
     spec = get_spec(name)
     agent_names = [backend.name for backend in backends]
     files = config.data_files.get(name)
-    # A benchmark keeps every problem, so that scores stay comparable with published ones: a gold math-verify cannot
-    # read is scored `None` and counted as unscored, not dropped.
-    rows = load_benchmark(
-        name, data_files=files, streaming=config.streaming, limit=config.limit, verify_golds=False,
-        max_question_chars=None,
-    )  # fmt: skip
     details_path = output_dir / f"details_{name}.jsonl"
     if config.overwrite and details_path.exists():
         details_path.unlink()
@@ -1149,6 +1155,9 @@ def run_evaluation(
     skipped_lines = _check_unreadable_lines(config)
     # Resolving first: an unreachable Hub or a bad recipe fails before any model is loaded.
     agents, infos = _resolve_agents(config, download=backends is None)
+    # Then the data (a stream is opened and read up to its first row): data that cannot be used fails before any
+    # model is loaded or anything is written.
+    rows = {name: _load_rows(name, config) for name in config.benchmarks}
     if backends is None:
         backends = _build_backends(agents, config)
     elif len(backends) != len(agents):
@@ -1168,7 +1177,7 @@ def run_evaluation(
     }
     _check_run_identity(output_dir, identity, config.overwrite)
 
-    runs = {name: _evaluate_benchmark(name, config, backends, runner, output_dir) for name in config.benchmarks}
+    runs = {name: _evaluate_benchmark(name, config, backends, runner, output_dir, rows[name]) for name in rows}
     created_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     all_results = {}
     for info in infos:

@@ -118,6 +118,8 @@ def download_model(
     local_dir: str | os.PathLike | None = None,
     allow_patterns: Sequence[str] | None = None,
     token: str | None = None,
+    max_retries: int = 3,
+    backoff: float = 2.0,
 ) -> tuple[str, str | None]:
     """
     Download a model snapshot from the Hub, pinned to one commit; an interrupted download resumes.
@@ -137,6 +139,11 @@ def download_model(
             Only files matching these glob patterns (e.g. one GGUF file of a repository with many).
         token (`str`, *optional*):
             Hub token for private or gated repositories; the saved login is used when not given.
+        max_retries (`int`, *optional*, defaults to `3`):
+            Retries after a transient error (5xx, 429, timeout, lost connection), each resuming the files already
+            downloaded; `huggingface_hub` retries some requests itself, but not a file download answered with a 5xx.
+        backoff (`float`, *optional*, defaults to `2.0`):
+            Seconds before the first retry, doubled at each retry.
 
     Returns:
         `tuple[str, str | None]`: The local folder and the commit sha (`None` when only a cached copy was found
@@ -146,7 +153,12 @@ def download_model(
         `HubUnavailableError`: offline without a cached copy, or the repository/revision cannot be reached.
     """
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     patterns = list(allow_patterns) if allow_patterns else None
     if hub_offline():
@@ -159,13 +171,39 @@ def download_model(
         # In the cache the snapshot folder is named after its commit; a local_dir copy does not say.
         sha = Path(folder).name if local_dir is None else None
         return folder, sha
+    api = HfApi(token=token)
+    sha = None
     try:
-        sha = HfApi(token=token).model_info(repo_id, revision=revision).sha
-        folder = snapshot_download(repo_id, revision=sha, local_dir=local_dir, allow_patterns=patterns, token=token)
+        for attempt in range(max_retries + 1):
+            try:
+                sha = sha or api.model_info(repo_id, revision=revision).sha
+                folder = snapshot_download(
+                    repo_id, revision=sha, local_dir=local_dir, allow_patterns=patterns, token=token
+                )
+                break
+            except Exception as error:
+                if attempt == max_retries or not _is_transient(error):
+                    raise
+                delay = backoff * 2**attempt
+                logger.warning(
+                    "Download of %s@%s interrupted (%s); resuming in %.0f s (retry %d/%d).",
+                    repo_id,
+                    revision or "main",
+                    _error_line(error, token),
+                    delay,
+                    attempt + 1,
+                    max_retries,
+                )
+                time.sleep(delay)
     except RepositoryNotFoundError as error:
         raise HubUnavailableError(
             f"{repo_id} is not a Hub model repository (or it is private: log in with `hf auth login`). For a model "
             "on disk pass its folder path."
+        ) from error
+    except RevisionNotFoundError as error:
+        raise HubUnavailableError(
+            f"{repo_id} has no revision {revision!r}: pass one of its branches or tags ({_refs_of(api, repo_id)}) "
+            "or a commit sha."
         ) from error
     except (HfHubHTTPError, OSError) as error:
         raise HubUnavailableError(
@@ -173,6 +211,18 @@ def download_model(
         ) from error
     logger.info("Downloaded %s@%s to %s", repo_id, sha, folder)
     return folder, sha
+
+
+def _refs_of(api: Any, repo_id: str) -> str:
+    """The branch and tag names of a repository, for an error message (what the listing failure was, if it fails)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        refs = api.list_repo_refs(repo_id)
+    except (HfHubHTTPError, OSError) as error:
+        return f"could not list them: {_error_line(error)}"
+    names = [ref.name for ref in [*refs.branches, *refs.tags]]
+    return ", ".join(sorted(names, key=lambda name: (name != "main", name))) or "none"
 
 
 def resolve_model(name_or_path: str, *, revision: str | None = None, **kwargs) -> tuple[str, str | None]:
@@ -376,7 +426,7 @@ class HubPusher:
             system (e.g. `<output_dir>/.hub_staging`, outside any `checkpoint-*` folder) so snapshots are free hard
             links; a private temporary folder when not given (copies when it is on another file system).
         api (`huggingface_hub.HfApi`, *optional*):
-            The Hub client; `HfApi(token=token)` when not given. Tests pass a fake here.
+            The Hub client; `HfApi(token=token)` when not given (tests pass one pointed at their Hub server).
         sleep (`Callable[[float], None]`, *optional*, defaults to `time.sleep`):
             Waits between attempts.
     """
