@@ -47,7 +47,7 @@ _network_guard = contextlib.ExitStack()
 TEST_RUN_ENV_VAR = "ILR_TEST_RUN"
 _TEST_RUN_ID = f"{os.getpid()}-{secrets.token_hex(8)}"
 # How long processes may take to exit at the end of the run before they count as left behind.
-_LEAK_GRACE_S = 10.0
+_LEAK_GRACE_S = 5.0
 _PR_SET_CHILD_SUBREAPER = 36
 _processes_before: set[tuple[int, int]] = set()  # (pid, start time): a reused pid is a new process
 

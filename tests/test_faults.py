@@ -22,6 +22,12 @@ from ilr.trainer import TMP_CHECKPOINT_PREFIX, TRAINER_STATE_NAME, latest_checkp
 from test_trainer import RUNNER, TESTS_DIR, _final_weights, _kill_recipe, digits_reward, make_trainer
 
 
+logger = logging.getLogger(__name__)
+
+# How long the processes a run started (reward workers, their fork server and resource tracker) may outlive it.
+HELPERS_EXIT_S = 5.0
+
+
 @pytest.fixture
 def runner(tmp_path, monkeypatch, one_thread) -> Path:
     monkeypatch.setitem(REWARD_FUNCS, "digits", digits_reward)
@@ -36,12 +42,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-logger = logging.getLogger(__name__)
-
-# How long the processes a run started (reward workers, their fork server and resource tracker) may outlive it.
-HELPERS_EXIT_S = 5.0
 
 
 def _start(runner: Path, recipe: Path, output_dir: Path, *extra: str, delay: str = "0.3") -> subprocess.Popen:

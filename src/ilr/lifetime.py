@@ -34,22 +34,32 @@ def process_start_time(pid: int) -> int | None:
     Returns:
         `int | None`: The start time, or `None` where `/proc` is missing (not Linux) or the process does not exist.
     """
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of `/proc/<pid>/stat` after the command name (state first), or `None` where it cannot be read."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            # The command name (field 2) may hold spaces and parentheses: count fields after its closing parenthesis.
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+            # The command name (field 2) may hold spaces and parentheses: split after its closing parenthesis.
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
         return None
+    return fields if len(fields) > 19 else None
 
 
 def _is_alive(pid: int, start_time: int | None) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # also succeeds on a zombie, hence the state check below
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by another user
         pass
-    return start_time is None or process_start_time(pid) in (start_time, None)
+    fields = _stat_fields(pid)
+    if fields is None:  # without /proc (macOS) os.kill's answer stands; with it, the process exited meanwhile
+        return not os.path.isdir("/proc/self")
+    return fields[0] != b"Z" and (start_time is None or int(fields[19]) == start_time)
 
 
 def _open_pidfd(pid: int, start_time: int | None) -> int | None:

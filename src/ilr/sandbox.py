@@ -12,7 +12,8 @@ How one run works:
 2. The launcher isolates and forks the *sandbox process*, which sets resource limits (`RLIMIT_AS`, `RLIMIT_CPU`,
    `RLIMIT_FSIZE`, `RLIMIT_NPROC`, `RLIMIT_NOFILE`, `RLIMIT_CORE`), sets `no_new_privs`, installs a seccomp filter
    that refuses every non-Unix socket and `io_uring` (x86-64 and aarch64), and execs a small harness with
-   `python -I -B`. The launcher enforces the wall-clock timeout and kills the sandbox's whole process tree afterwards.
+   `python -I -B`. The launcher enforces the wall-clock timeout and kills the sandbox's whole process tree afterwards,
+   or as soon as the caller dies, however it dies (a parent-death signal).
 3. The harness reads the nonce and the code, closes the payload pipe, runs `setup` then the solution in a fresh
    namespace (with `__name__ == "__solution__"`, so `if __name__ == "__main__":` blocks do not run), then each test
    in its own `try`/`except`, and writes one nonce-tagged line per test to the result pipe. Only tagged results count: missing or garbled ones are failures, so `os._exit(0)`, crashing, or printing a
