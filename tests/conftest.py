@@ -1,18 +1,33 @@
-"""Shared test set-up: offline Hub, no network, seeded RNGs and the tiny fixture models.
+"""Shared test set-up: offline Hub, no network, seeded RNGs, the tiny fixture models, and a check that the run leaves
+no process behind.
 
 Kept lean on purpose: it runs for every test file, so it imports nothing heavy. torch and transformers are loaded
 only when a fixture needs them.
 """
 
 import contextlib
+import ctypes
 import logging
 import os
 import random
+import secrets
 import sys
 
 import pytest
 
-from ilr.testing import TINY_MODEL_A, TINY_MODEL_B, TinyModel, block_network, build_tiny_model
+from ilr.testing import (
+    TINY_MODEL_A,
+    TINY_MODEL_B,
+    ProcessInfo,
+    TinyModel,
+    block_network,
+    build_tiny_model,
+    descendants_of,
+    describe_processes,
+    environment_of,
+    list_processes,
+    wait_until_gone,
+)
 
 
 # Set before any test module imports huggingface_hub/transformers/datasets, which read them at import time. Without
@@ -28,13 +43,66 @@ SEED = 42
 _network_guard = contextlib.ExitStack()
 
 
+# Every process this run starts inherits this marker, unless it is given an environment of its own (the sandbox).
+TEST_RUN_ENV_VAR = "ILR_TEST_RUN"
+_TEST_RUN_ID = f"{os.getpid()}-{secrets.token_hex(8)}"
+# How long processes may take to exit at the end of the run before they count as left behind.
+_LEAK_GRACE_S = 5.0
+_PR_SET_CHILD_SUBREAPER = 36
+_processes_before: set[tuple[int, int]] = set()  # (pid, start time): a reused pid is a new process
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # A hook rather than a fixture, so that collection (module imports) and session fixtures are covered too.
     _network_guard.enter_context(block_network())
+    os.environ[TEST_RUN_ENV_VAR] = _TEST_RUN_ID
+    _processes_before.update((p.pid, p.start_time) for p in list_processes(zombies=True).values())
+    if sys.platform.startswith("linux"):
+        # Orphans of processes the tests start (e.g. the helpers of a run a test kills) are reparented to this process
+        # instead of init, so they stay findable as its descendants even without the marker.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     _network_guard.close()
+
+
+def _own_multiprocessing_helpers() -> set[int]:
+    """This process's fork server and resource tracker: they exit with it (their pipes close), not before."""
+    forkserver = getattr(sys.modules.get("multiprocessing.forkserver"), "_forkserver", None)
+    tracker = getattr(sys.modules.get("multiprocessing.resource_tracker"), "_resource_tracker", None)
+    return {pid for pid in (getattr(forkserver, "_forkserver_pid", None), getattr(tracker, "_pid", None)) if pid}
+
+
+def _started_by_this_run() -> dict[int, ProcessInfo]:
+    """Live processes this test run started, found by ancestry or by the marker, never by name."""
+    table = list_processes()
+    ours = descendants_of(os.getpid(), table)
+    ours |= {pid for pid in table if environment_of(pid).get(TEST_RUN_ENV_VAR) == _TEST_RUN_ID}
+    ours -= _own_multiprocessing_helpers() | {os.getpid()}
+    return {pid: table[pid] for pid in ours if (pid, table[pid].start_time) not in _processes_before}
+
+
+@pytest.hookimpl(trylast=True)  # after session fixtures are torn down
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a process it started is still alive: workers, sandboxes or servers must end with their parent."""
+    if "ilr.rewards" in sys.modules:
+        sys.modules["ilr.rewards"].shutdown_reward_pool()  # as at interpreter exit, but now, to check the rest
+    left, _ = wait_until_gone(_started_by_this_run, _LEAK_GRACE_S)
+    if not left:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = (
+        f"{len(left)} process(es) started by this test run were still alive {_LEAK_GRACE_S:.0f} s after it ended "
+        f"(marker {TEST_RUN_ENV_VAR}={_TEST_RUN_ID}, or descendants of pytest):\n{describe_processes(left)}"
+    )
+    if reporter is not None:
+        reporter.write_sep("=", "processes left behind", red=True)
+        reporter.write_line(message)
+    else:
+        print(message, file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(autouse=True)

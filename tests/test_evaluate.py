@@ -7,7 +7,6 @@ by rule (and counts what it was asked), so scores are known exactly. The tiny ra
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import importlib.util
 import json
@@ -38,6 +37,7 @@ from ilr.evaluate import (
     run_evaluation,
 )
 from ilr.generation import BackendStats, Completion, GenerationBackend, GenerationOutput, SamplingParams
+from ilr.testing import assert_session_ends
 
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
@@ -361,18 +361,19 @@ def test_killed_evaluation_resumes_without_redoing_finished_problems(tmp_path, t
     ]  # fmt: skip
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     log = tmp_path / "killed.log"
-    # Its own session, so that the scoring pool it leaves behind (orphans of a SIGKILL) can be ended by group id;
-    # output to a file, since orphans would keep a pipe open.
+    # Its own session, so that what it started (the scoring pool) can be found after the kill; output to a file, which
+    # no process that outlived it could keep open as it would a pipe.
     with open(log, "w") as handle:
         killed = subprocess.Popen(
             [sys.executable, "-c", _KILLED_RUN, *argv], env=env, stdout=handle, stderr=handle, start_new_session=True
         )
         try:
             returncode = killed.wait(timeout=300)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(killed.pid, signal.SIGKILL)
+        except subprocess.TimeoutExpired:
+            os.killpg(killed.pid, signal.SIGKILL)
+            raise
     assert returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    assert_session_ends(killed.pid, timeout_s=5.0)  # its scoring pool's workers, fork server and resource tracker
     assert len((out / "details_gsm8k.jsonl").read_text().splitlines()) == 3
     assert not (out / "results_tiny.json").exists()
 

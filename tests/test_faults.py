@@ -17,8 +17,15 @@ from ilr.configs import AgentConfig, parse_recipe
 from ilr.generation import GenerationBackend, GenerationError, SamplingParams, TransformersBackend
 from ilr.models import load_tokenizer
 from ilr.rewards import REWARD_FUNCS
+from ilr.testing import assert_session_ends, processes_of_session
 from ilr.trainer import TMP_CHECKPOINT_PREFIX, TRAINER_STATE_NAME, latest_checkpoint
 from test_trainer import RUNNER, TESTS_DIR, _final_weights, _kill_recipe, digits_reward, make_trainer
+
+
+logger = logging.getLogger(__name__)
+
+# How long the processes a run started (reward workers, their fork server and resource tracker) may outlive it.
+HELPERS_EXIT_S = 5.0
 
 
 @pytest.fixture
@@ -38,11 +45,14 @@ def one_thread():
 
 
 def _start(runner: Path, recipe: Path, output_dir: Path, *extra: str, delay: str = "0.3") -> subprocess.Popen:
-    """Start a training run; its output (stdout and stderr) goes to `<output_dir>.log`, read with `_output`."""
+    """
+    Start a training run in a session of its own, so that every process it starts can be found afterwards (the
+    session id is its pid); its output (stdout and stderr) goes to `<output_dir>.log`, read with `_output`.
+    """
     command = [sys.executable, str(runner), "--config", str(recipe), "--output_dir", str(output_dir), *extra]
     env = {**os.environ, "ILR_TEST_REWARD_DELAY": delay}
     with open(f"{output_dir}.log", "w") as log:  # a file, not a pipe: a full pipe would block the run
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _output(output_dir: Path) -> str:
@@ -106,6 +116,7 @@ def test_signal_saves_the_current_step_and_exits_cleanly(tmp_path, straight, run
         time.sleep(0.02)
     process.send_signal(signum)
     process.wait(timeout=240)
+    assert_session_ends(process.pid, HELPERS_EXIT_S)
     output = _output(stopped_dir)
 
     assert process.returncode == 128 + signum, output[-3000:]
@@ -142,10 +153,16 @@ def _kill_loop(tmp_path: Path, straight: tuple, runner: Path, kills: int, seed: 
             assert time.monotonic() < deadline, "the run made no progress"
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 0.4))
+        # The run scores with the reward pool (its data loading checks the golds there): its workers, fork server and
+        # resource tracker share its session. Without them this test would prove nothing about leaks.
+        helpers = len(processes_of_session(process.pid)) - 1
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
+        exit_s = assert_session_ends(process.pid, HELPERS_EXIT_S)
         if process.returncode == 0:  # it finished before the kill landed
             break
+        assert helpers >= 3, f"the killed run had only {helpers} helper processes: {_output(killed_dir)[-2000:]}"
+        logger.info("SIGKILL: the run's %d helper processes all exited within %.3f s", helpers, exit_s)
         _assert_checkpoints_complete(killed_dir)
         checkpoint = latest_checkpoint(killed_dir)
         saved = int(checkpoint.name.split("-")[1]) if checkpoint else 0

@@ -27,6 +27,7 @@ from ilr.sandbox import (
     run_tests,
     run_tests_batch,
 )
+from ilr.testing import ProcessInfo, descendants_of, list_processes
 
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
@@ -58,30 +59,13 @@ def _contains_hostile_code(isolation: str) -> bool:
     return os.geteuid() != 0 or isolation.endswith("+uid")
 
 
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) for every process on the machine."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError, IndexError):
-            continue
-        table[int(entry)] = (ppid, cmdline)
-    return table
+def _processes() -> dict[int, ProcessInfo]:
+    """Every process on the machine, zombies included: an unreaped child is still one left behind."""
+    return list_processes(zombies=True)
 
 
-def _all_descendants(table: dict[int, tuple[int, str]] | None = None) -> set[int]:
-    table = _processes() if table is None else table
-    found, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - found
-        found |= frontier
-    return found
+def _all_descendants(table: dict[int, ProcessInfo] | None = None) -> set[int]:
+    return descendants_of(os.getpid(), _processes() if table is None else table)
 
 
 # Children this test process had before the current test (e.g. the reward pool's forkserver and workers, started by
@@ -95,7 +79,7 @@ def _record_preexisting_children() -> None:
     _preexisting.update(_all_descendants())
 
 
-def _descendants(table: dict[int, tuple[int, str]] | None = None) -> set[int]:
+def _descendants(table: dict[int, ProcessInfo] | None = None) -> set[int]:
     """Descendants of this test process started during the current test."""
     return _all_descendants(table) - _preexisting
 
@@ -114,7 +98,7 @@ class _Watcher:
         while not self._stop.is_set():
             table = _processes()
             self.peak_descendants = max(self.peak_descendants, len(_descendants(table)))
-            if self.marker and any(self.marker in cmdline for _, cmdline in table.values()):
+            if self.marker and any(self.marker in process.command for process in table.values()):
                 self.marker_seen = True
             time.sleep(0.02)
 
@@ -255,7 +239,7 @@ time.sleep(1.0)
         result = run_tests(program, ["assert True"], limits=FAST)
     assert (result.status, result.passed) == ("ok", 1), result.stderr
     assert watcher.marker_seen, "the background processes never started, so the test proves nothing"
-    assert not any(marker in cmdline for _, cmdline in _processes().values())
+    assert not any(marker in process.command for process in _processes().values())
     assert _descendants() == set()
 
 

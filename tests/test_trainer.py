@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from ilr.configs import AgentConfig, ILRConfig, parse_recipe
 from ilr.rewards import REWARD_FUNCS
+from ilr.testing import assert_session_ends
 from ilr.trainer import ILRTrainer, QuestionSampler, TrainingSample, collate_samples, latest_checkpoint
 
 
@@ -364,7 +365,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_model_a, tiny_mod
     killed_dir = tmp_path / "killed"
     env = {**os.environ, "ILR_TEST_REWARD_DELAY": "0.3"}
     command = [sys.executable, str(runner), "--config", str(recipe), "--output_dir", str(killed_dir)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A session of its own: whatever the run started can be found after the kill (see test_faults.py).
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     deadline = time.monotonic() + 240
     while not (killed_dir / "checkpoint-4").exists():
         assert process.poll() is None, process.stderr.read().decode()[-3000:]
@@ -374,6 +378,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_model_a, tiny_mod
     process.wait()
     process.stderr.close()
     assert process.returncode == -signal.SIGKILL
+    assert_session_ends(process.pid, timeout_s=5.0)  # its reward workers, fork server and resource tracker
     assert latest_checkpoint(killed_dir).name == "checkpoint-4"
     assert not (killed_dir / "a").exists()  # it never finished
     (killed_dir / "tmp-checkpoint-6").mkdir()  # as if killed while writing the next checkpoint

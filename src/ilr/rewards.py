@@ -12,6 +12,7 @@ called from:
 
 - work is deduplicated (GRPO scores the same boxed answer against the same gold many times) and sent in chunks;
 - each item is bounded by `timeout_s` with a `SIGALRM` timer in the worker's main thread;
+- each worker exits as soon as the process that created the pool dies, however it dies (`ilr.lifetime.exit_with`);
 - a worker stuck in C code, where signals are not delivered, is killed by the parent once `_kill_after(timeout_s)` has
   passed; a worker that dies is replaced. The item it was scoring gets `None`; a crash also gives `None` to the items
   the pool's other workers had in hand (at most `max_workers - 1`) since `ProcessPoolExecutor` terminates them too.
@@ -40,6 +41,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from functools import cache, lru_cache
 from typing import Any
+
+from ilr.lifetime import exit_with, process_start_time
 
 
 __all__ = [
@@ -279,8 +282,11 @@ _worker_slots = None
 _worker_slot: int | None = None
 
 
-def _init_worker(slots, counter) -> None:
+def _init_worker(slots, counter, owner: tuple[int, int | None]) -> None:
     global _worker_slots, _worker_slot
+    # Whatever kills the process that owns the pool (even SIGKILL, which runs no atexit), the worker exits with it;
+    # the fork server and resource tracker then see their pipes close and exit too.
+    exit_with(*owner)
     with counter.get_lock():
         index = counter.value
         counter.value += 1
@@ -398,7 +404,10 @@ def _get_pool(workers: int) -> tuple[ProcessPoolExecutor, Any]:
         for k in range(workers):
             slots[_SLOT_FIELDS * k + 1] = -1
         counter = ctx.Value("i", 0)
-        _pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(slots, counter))
+        owner = (os.getpid(), process_start_time(os.getpid()))
+        _pool = ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(slots, counter, owner)
+        )
         _pool_slots, _pool_workers, _pool_owner = slots, workers, os.getpid()
         _wait_until_ready(_pool, slots, workers)
     return _pool, _pool_slots

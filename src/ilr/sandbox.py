@@ -12,7 +12,8 @@ How one run works:
 2. The launcher isolates and forks the *sandbox process*, which sets resource limits (`RLIMIT_AS`, `RLIMIT_CPU`,
    `RLIMIT_FSIZE`, `RLIMIT_NPROC`, `RLIMIT_NOFILE`, `RLIMIT_CORE`), sets `no_new_privs`, installs a seccomp filter
    that refuses every non-Unix socket and `io_uring` (x86-64 and aarch64), and execs a small harness with
-   `python -I -B`. The launcher enforces the wall-clock timeout and kills the sandbox's whole process tree afterwards.
+   `python -I -B`. The launcher enforces the wall-clock timeout and kills the sandbox's whole process tree afterwards,
+   or as soon as the caller dies, however it dies (a parent-death signal).
 3. The harness reads the nonce and the code, closes the payload pipe, runs `setup` then the solution in a fresh
    namespace (with `__name__ == "__solution__"`, so `if __name__ == "__main__":` blocks do not run), then each test
    in its own `try`/`except`, and writes one nonce-tagged line per test to the result pipe. Only tagged results count: missing or garbled ones are failures, so `os._exit(0)`, crashing, or printing a
@@ -991,8 +992,9 @@ def _children_of(pid: int) -> list[int]:
     return children
 
 
-def _wait_for_exit(pid: int, timeout_s: float) -> bool:
-    """Wait until `pid` exits, without reaping it (its pid and process group stay reserved). True on timeout."""
+def _wait_for_exit(pid: int, timeout_s: float, stop_fd: int) -> bool:
+    """Wait until `pid` exits, without reaping it (its pid and process group stay reserved), or until `stop_fd` is
+    readable. True on timeout."""
     deadline = time.monotonic() + timeout_s
     pidfd = None
     with contextlib.suppress(AttributeError, OSError):
@@ -1002,10 +1004,9 @@ def _wait_for_exit(pid: int, timeout_s: float) -> bool:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return True
-            if pidfd is not None:
-                select.select([pidfd], [], [], remaining)
-            else:
-                time.sleep(min(remaining, 0.005))
+            watched = [stop_fd] if pidfd is None else [stop_fd, pidfd]
+            if stop_fd in select.select(watched, [], [], remaining if pidfd is not None else min(remaining, 0.005))[0]:
+                return False
         return False
     finally:
         if pidfd is not None:
@@ -1047,9 +1048,16 @@ def _launcher_main(config_json: str) -> None:
         with contextlib.suppress(OSError):
             os.write(control_fd, (json.dumps(event) + "\n").encode())
 
+    # When the caller dies, however it dies, the kernel sends us SIGTERM: we stop waiting and kill the sandbox's whole
+    # tree as after a timeout, so that nothing it started outlives the caller, not even processes that left its group
+    # (process mode). The handler only wakes the wait through `stop_r`; it never interrupts the killing.
+    stop_r, stop_w = os.pipe()
+    os.set_blocking(stop_w, False)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    signal.set_wakeup_fd(stop_w)
     libc = _Libc()
     try:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the parent; checked below in case it died first
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # checked below in case the caller died first
         if os.getppid() != config["parent_pid"]:
             os._exit(1)
         libc.prctl(_PR_SET_CHILD_SUBREAPER, 1)  # orphans of the sandbox become our children, so we can kill them
@@ -1082,7 +1090,7 @@ def _launcher_main(config_json: str) -> None:
     # Our copies would keep the pipes open after the sandbox is gone.
     os.close(config["payload_fd"])
     os.close(config["result_fd"])
-    timed_out = _wait_for_exit(pid, config["timeout_s"])
+    timed_out = _wait_for_exit(pid, config["timeout_s"], stop_r)
     code = os.waitstatus_to_exitcode(_kill_tree(pid))
     emit({"event": "exit", "timed_out": timed_out, "returncode": max(code, 0), "signal": max(-code, 0)})
     os._exit(0)

@@ -1,4 +1,4 @@
-"""Test helpers: tiny random chat models built offline, and a guard against network access.
+"""Test helpers: tiny random chat models built offline, a guard against network access, and a process census.
 
 The models are random-weight Llama-architecture causal LMs with their own byte-level BPE tokenizers, trained in code
 on a small corpus. Two presets differ in everything an ILR agent pair can differ in: vocabulary, special tokens and
@@ -12,15 +12,21 @@ This module lives in the package (like `transformers.testing_utils` or `accelera
 `tests/` so that benchmarks and the offline demo can build the same models. It imports only the standard library at
 module level: `tests/conftest.py` imports it for every test run, and torch/transformers are loaded only when a model
 is actually built.
+
+The census (`list_processes`, `processes_of_session`, `wait_until_gone`) reads `/proc`, so leak checks find the
+processes a run started by its session, ancestry or an environment marker, never by name (Linux; elsewhere it sees
+nothing).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import random
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -402,3 +408,183 @@ def block_network() -> Iterator[None]:
     finally:
         socket.socket.connect = original_connect
         socket.socket.connect_ex = original_connect_ex
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Process census: which processes a run left behind
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """
+    One process as `/proc/<pid>/stat` shows it.
+
+    Args:
+        pid (`int`), ppid (`int`), session (`int`):
+            Its id, its parent's and its session's (the id of the process that started the session).
+        state (`str`):
+            `"R"`, `"S"`, ... or `"Z"` for a zombie: exited, waiting for its parent to collect its status.
+        start_time (`int`):
+            When it started, in clock ticks since boot; with the pid, it names the process even after the pid is reused.
+        command (`str`):
+            Its command line, for error messages.
+    """
+
+    pid: int
+    ppid: int
+    session: int
+    state: str
+    start_time: int
+    command: str
+
+
+def list_processes(*, zombies: bool = False) -> dict[int, ProcessInfo]:
+    """
+    Every process of the machine that `/proc` shows, by pid (empty where there is no `/proc`).
+
+    Args:
+        zombies (`bool`, *optional*, defaults to `False`):
+            Whether to include zombies, which have exited already and only wait to be collected.
+
+    Returns:
+        `dict[int, ProcessInfo]`
+    """
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return {}
+    table = {}
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                # The command name (field 2) may hold spaces and parentheses: split after its closing parenthesis.
+                fields = f.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        state = fields[0].decode()
+        if state == "Z" and not zombies:
+            continue
+        table[int(entry)] = ProcessInfo(int(entry), int(fields[1]), int(fields[3]), state, int(fields[19]), command)
+    return table
+
+
+def environment_of(pid: int) -> dict[str, str]:
+    """
+    The environment process `pid` started with (`/proc/<pid>/environ`; later changes of its own are not shown).
+
+    Args:
+        pid (`int`):
+            A process id.
+
+    Returns:
+        `dict[str, str]`: Empty when it cannot be read (another user's process, or it exited).
+    """
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return {}
+    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
+    return {name: value for name, _, value in pairs}
+
+
+def descendants_of(pid: int, table: dict[int, ProcessInfo]) -> set[int]:
+    """
+    The pids in `table` whose chain of parents leads to `pid` (children, grandchildren, ...).
+
+    Args:
+        pid (`int`):
+            The ancestor.
+        table (`dict[int, ProcessInfo]`):
+            A census from `list_processes`.
+
+    Returns:
+        `set[int]`
+    """
+    children: dict[int, list[int]] = {}
+    for info in table.values():
+        children.setdefault(info.ppid, []).append(info.pid)
+    found, frontier = set(), [pid]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            if child not in found:
+                found.add(child)
+                frontier.append(child)
+    return found
+
+
+def processes_of_session(session: int) -> dict[int, ProcessInfo]:
+    """
+    The live processes of a session: everything a process started with `start_new_session=True` (its pid is the
+    session id) ran, except what left the session itself (`setsid`), whether or not their parents are still alive.
+
+    Args:
+        session (`int`):
+            The session id.
+
+    Returns:
+        `dict[int, ProcessInfo]`
+    """
+    return {pid: info for pid, info in list_processes().items() if info.session == session}
+
+
+def wait_until_gone(
+    find: Callable[[], dict[int, ProcessInfo]], timeout_s: float
+) -> tuple[dict[int, ProcessInfo], float]:
+    """
+    Poll `find` until it returns no process or `timeout_s` has passed.
+
+    Args:
+        find (`Callable[[], dict[int, ProcessInfo]]`):
+            Returns the processes still alive that should end, e.g. `lambda: processes_of_session(sid)`.
+        timeout_s (`float`):
+            How long they may take to exit.
+
+    Returns:
+        `tuple[dict[int, ProcessInfo], float]`: The processes still alive at the end (empty on success), and the
+        seconds waited.
+    """
+    start = time.monotonic()
+    left = find()
+    while left and time.monotonic() - start < timeout_s:
+        time.sleep(0.01)
+        left = find()
+    return left, time.monotonic() - start
+
+
+def describe_processes(processes: dict[int, ProcessInfo]) -> str:
+    """One line per process (pid, parent, session, command line), for an assertion message."""
+    return "\n".join(
+        f"  pid {p.pid} (parent {p.ppid}, session {p.session}): {p.command[:300]}" for p in processes.values()
+    )
+
+
+def assert_session_ends(session: int, timeout_s: float) -> float:
+    """
+    Assert that every process of a session exits within `timeout_s`: what a run started in a session of its own left
+    running once it ended (call it after the run's own process has been waited for).
+
+    Orphans that exited may be zombies of this process (when it is a child subreaper, as `tests/conftest.py` makes
+    pytest); they are collected.
+
+    Args:
+        session (`int`):
+            The session id: the pid of a process started with `start_new_session=True`.
+        timeout_s (`float`):
+            How long its processes may take to exit.
+
+    Returns:
+        `float`: The seconds the last of them took to exit.
+    """
+    left, seconds = wait_until_gone(lambda: processes_of_session(session), timeout_s)
+    assert not left, f"still alive {seconds:.1f} s after the end of session {session}:\n{describe_processes(left)}"
+    for pid, info in list_processes(zombies=True).items():
+        if info.session == session and info.ppid == os.getpid():
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+    return seconds
