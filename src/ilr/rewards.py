@@ -429,16 +429,28 @@ def _split_top_level(text: str, sep: str = ",") -> list[str]:
     return [*parts, text[start:]]
 
 
+_MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\[", "\\]"), ("\\(", "\\)"))
+
+
+def _split_delimiters(latex: str) -> tuple[str, str, str]:
+    """`(opening, body, closing)` of a text wrapped in one pair of math delimiters (`$...$`, `\\[...\\]`)."""
+    for opening, closing in _MATH_DELIMITERS:
+        if latex.startswith(opening) and latex.endswith(closing) and len(latex) > len(opening) + len(closing):
+            return opening, latex[len(opening) : -len(closing)], closing
+    return "", latex, ""
+
+
 def _expand_plus_minus(latex: str) -> str | None:
     """
     `a \\pm b` written out as two answers, `a + b, a - b` (`\\mp` the other way), for each comma-separated part;
     `None` when nothing was written out. latex2sympy cannot read `\\pm` inside a fraction: `\\frac{-1 \\pm
     \\sqrt{13}}{4}`.
     """
-    if _PLUS_MINUS_RE.search(latex) is None:
+    if _PLUS_MINUS_RE.search(latex) is None or "\\boxed" in latex:
         return None
+    opening, body, closing = _split_delimiters(latex.strip())
     parts, expanded = [], False
-    for part in _split_top_level(latex):
+    for part in _split_top_level(body):
         # Inside a set, tuple or interval, two copies of it would be two sets: left as written.
         if _PLUS_MINUS_RE.search(part) is None or part.lstrip().startswith(("\\{", "(", "[", "\\left")):
             parts.append(part)
@@ -446,7 +458,7 @@ def _expand_plus_minus(latex: str) -> str | None:
         expanded = True
         for plus, minus in (("+", "-"), ("-", "+")):
             parts.append(_PLUS_MINUS_RE.sub(lambda m: plus if m.group() == "\\pm" else minus, part))  # noqa: B023
-    return ",".join(parts) if expanded else None
+    return f"{opening}{','.join(parts)}{closing}" if expanded else None
 
 
 def _parse_with_plus_minus(source: str, parse_one: Callable[[str], list]) -> list:
@@ -454,13 +466,12 @@ def _parse_with_plus_minus(source: str, parse_one: Callable[[str], list]) -> lis
     `parse_one(source)`, except that a `\\pm` is written out first (`_expand_plus_minus`) when that parses: read as
     written, `y = -1, y = \\frac{3 \\pm \\sqrt{5}}{2}` would parse as `-1` alone.
     """
+    parsed = parse_one(source)
     expanded = _expand_plus_minus(source)
-    if expanded is not None:
-        parsed = parse_one(expanded)
-        if _has_math(parsed):
-            # The text as written stays the string fallback, which `verify` compares as math-verify does.
-            return [x for x in parsed if not isinstance(x, str)] + [source]
-    return parse_one(source)
+    if expanded is not None and _has_math(parsed_expanded := parse_one(expanded)):
+        # math-verify's string fallback for the text as written stays, and `verify` compares it as math-verify does.
+        return [x for x in parsed_expanded if not isinstance(x, str)] + [x for x in parsed if isinstance(x, str)]
+    return parsed
 
 
 @lru_cache(maxsize=4096)
