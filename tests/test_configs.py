@@ -48,6 +48,10 @@ def parse(tmp_path: Path, recipe: dict, *cli: str):
 def test_valid_recipe_fills_all_three_dataclasses(tmp_path):
     script_args, agents_args, training_args = parse(tmp_path, base_recipe())
     assert script_args.reward_funcs == ["accuracy", "format"]
+    assert script_args.math_scoring == "training"
+    assert (
+        parse(tmp_path, base_recipe(math_scoring="training,fractions=any"))[0].math_scoring == "training,fractions=any"
+    )
     assert [agent.name for agent in agents_args.agents] == ["a", "b"]
     assert all(isinstance(agent, AgentConfig) for agent in agents_args.agents)
     assert agents_args.agents[1].use_peft is True and agents_args.agents[1].lora_r == 8
@@ -109,6 +113,8 @@ def test_agent_name_defaults_to_last_part_of_model_id(tmp_path):
         ({"reward_funcs": ["accuracy", "acuracy"]}, r"`reward_funcs`.*got 'acuracy'.*Did you mean `accuracy`"),
         ({"reward_funcs": ["accuracy"], "reward_weights": [1.0, 2.0]}, r"`reward_weights` has 2 values for 1"),
         ({"reward_funcs": ["code"], "reward_weights": None}, r"allow_code_execution: true"),
+        ({"math_scoring": "strict"}, r"`math_scoring`: Unknown math scoring preset 'strict'"),
+        ({"math_scoring": "training,multi_box=all"}, r"`math_scoring`: MathScoring.multi_box must be one of"),
         ({"train_stages": ["share", "fusion"]}, r"`train_stages`.*'fusion'.*Did you mean `fuse`"),
         ({"train_stages": ["analyse"]}, r"analysis_samples` >= 2"),
         ({"train_stages": []}, r"`train_stages` is empty"),

@@ -37,6 +37,7 @@ from ilr.evaluate import (
     run_evaluation,
 )
 from ilr.generation import BackendStats, Completion, GenerationBackend, GenerationOutput, SamplingParams
+from ilr.rewards import MATH_SCORING
 from ilr.testing import assert_session_ends
 
 
@@ -140,6 +141,7 @@ def test_cli_flags_parse_into_a_config(tmp_path):
         ({"protocol": "idea3"}, "--config pair.yaml"),
         ({"data_files": {"aime": "x.jsonl"}, "benchmarks": ["aime"]}, "--data_files aime24=<file>"),
         ({"data_files": {"mbpp": "x.jsonl"}}, "not evaluated"),
+        ({"math_scoring": "lenient"}, "`--math_scoring`: Unknown math scoring preset 'lenient'"),
     ],
 )
 def test_bad_settings_fail_with_the_fix(kwargs, message):
@@ -164,6 +166,7 @@ def test_single_model_scores_intervals_and_results_schema(tmp_path, arithmetic):
     assert entry["tokens"] == {"prompt": 60, "generated": 36, "mean_completion": 3.0}
     assert results["sampling"]["temperature"] == 0.0 and results["sampling"]["num_samples"] == 1
     assert results["average"] is None  # not all five maths benchmarks were run
+    assert results["scoring"] == {"math": MATH_SCORING["evaluation"].to_dict()}  # math-verify's verdicts
     for key in ("schema_version", "model", "protocol", "seed", "confidence", "timing", "tokens", "environment"):
         assert key in results
     assert load_results(tmp_path / "out" / "results_fake.json") == results
@@ -319,6 +322,8 @@ def test_resume_refuses_a_folder_of_another_run(tmp_path, arithmetic):
     run_evaluation(config_for(tmp_path, arithmetic), backends=[AnswerBackend("fake")])
     with pytest.raises(EvaluationError, match="sampling differ"):
         run_evaluation(config_for(tmp_path, arithmetic, max_new_tokens=7), backends=[AnswerBackend("fake")])
+    with pytest.raises(EvaluationError, match="scoring differ"):  # resumed scores would mix two sets of rules
+        run_evaluation(config_for(tmp_path, arithmetic, math_scoring="training"), backends=[AnswerBackend("fake")])
     backend = AnswerBackend("fake")
     run_evaluation(config_for(tmp_path, arithmetic, max_new_tokens=7, overwrite=True), backends=[backend])
     assert len(backend.questions) == 12  # started over
@@ -570,8 +575,11 @@ def test_packaged_metrics_load_offline_and_agree_with_the_library():
     predictions = ["so \\boxed{4}", "\\boxed{17+21}", "no box", "\\boxed{\\frac{1}{2}}", "\\boxed{0.5}"]
     references = ["4", "38", "3", "0.5", "\\frac12"]
     accuracy = load_metric("math_accuracy").compute(predictions=predictions, references=references)
-    assert accuracy == {"accuracy": pytest.approx(np.mean(score_math(predictions, references))), "unscored": 0}
-    assert accuracy["accuracy"] == pytest.approx(3 / 5)
+    expected = np.mean(score_math(predictions, references, scoring="evaluation"))
+    assert accuracy == {"accuracy": pytest.approx(expected), "unscored": 0}
+    # As `ilr evaluate` scores: math-verify's verdicts, so `\boxed{17+21}` counts for 38 (the training reward says no).
+    assert accuracy["accuracy"] == pytest.approx(4 / 5)
+    assert np.mean(score_math(predictions, references, scoring="training")) == pytest.approx(3 / 5)
 
     counts, samples = [0, 2, 5, 3], [5, 5, 5, 5]
     scores = load_metric("pass_at_k").compute(num_correct=counts, num_samples=samples, k=[1, 2, 5])

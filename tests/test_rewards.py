@@ -13,9 +13,12 @@ import pytest
 
 from ilr import rewards
 from ilr.rewards import (
+    MATH_SCORING,
     REWARD_FUNCS,
+    MathScoring,
     accuracy_reward,
     extract_boxed,
+    extract_final_boxes,
     format_reward,
     get_reward_funcs,
     score_math,
@@ -86,6 +89,12 @@ def test_extract_boxed(text, expected):
         (r"10 \operatorname{cm}", "10"),
         (r"\text{18}", "18"),
         (r"\mathbf{5}", "5"),
+        (r"\cfrac{1}{4}", r"\cfrac{1}{4}"),
+        (r"\left( \frac{1}{4} \right)", r"\frac{1}{4}"),
+        ("(-7)", "-7"),
+        ("35 percent", r"35\%"),
+        (r"35 \text{ pct}", r"35\%"),
+        ("35 percentage", r"35\%"),
     ],
 )
 def test_numeric_literals(text, core):
@@ -161,7 +170,7 @@ def test_gold_goes_first():
         # fractions and decimals
         (r"\boxed{\frac{1}{2}}", "0.5", 1.0),
         (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
-        (r"\boxed{\dfrac{2}{4}}", r"\frac{1}{2}", 1.0),
+        (r"\boxed{\dfrac{2}{4}}", r"\frac{1}{2}", 0.0),  # not in lowest terms (training; 1.0 in evaluation)
         (r"\boxed{1/2}", r"\frac{1}{2}", 1.0),
         (r"\boxed{2^{-1}}", r"\frac{1}{2}", 0.0),  # an expression for a plain-number gold
         # percentages: the sign is notation, 50% matches 50 and 0.5 (math-verify's semantics)
@@ -209,6 +218,171 @@ def test_inline_mode_matches_pool():
     preds = [r"\boxed{6}", r"\boxed{17+21}", r"\boxed{(-\infty,2]}", "none", r"\boxed{50\%}"]
     golds = ["6", "38", r"(-\infty, 2]", "6", "0.5"]
     assert score_math(preds, golds, max_workers=0) == score_math(preds, golds) == [1.0, 0.0, 1.0, 0.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The two presets: evaluation (math-verify's verdicts) and training (anti-hack rules), on our own cases
+# ---------------------------------------------------------------------------------------------------------------------
+
+# (category, completion, gold, evaluation verdict, training verdict). Written for this project, one or more per kind of
+# answer that issue 19 found scored differently from math-verify; differences between the columns are the documented
+# `MathScoring` settings (README, "Math reward").
+PRESET_CASES = [
+    # several boxes make one answer set when the gold is a set or a list (`multi_box`)
+    ("multi-box", r"The solutions are $\boxed{3}$ and $\boxed{-5}$.", "-5, 3", 1.0, 1.0),
+    ("multi-box", r"So $\boxed{(2, 3)}, \boxed{(3, 2)}$", "(3,2),(2,3)", 1.0, 1.0),
+    ("multi-box", r"$\boxed{a = 4} \quad \text{and} \quad \boxed{b = 7}$", "a = 4, b = 7", 1.0, 1.0),
+    (
+        "multi-box",
+        r"The discriminant is $\boxed{64}$, so the roots are $\boxed{3}$ and $\boxed{-5}$.",
+        "-5, 3",
+        1.0,
+        1.0,
+    ),
+    ("multi-box", r"$\boxed{3}, \boxed{-5}, \boxed{7}$", "-5, 3", 0.0, 0.0),  # an extra answer: no credit
+    ("multi-box", r"$\boxed{-5}$", "-5, 3", 0.0, 0.0),  # half the set
+    ("multi-box", r"$\boxed{3}$ or $\boxed{5}$", "5", 0.0, 1.0),  # a number gold: training reads the last box
+    # number forms read as numbers under the plain-number rule (`numeric_gold`)
+    ("number form", r"$\boxed{\cfrac{2}{5}}$", r"\frac{2}{5}", 1.0, 1.0),
+    ("number form", r"$\boxed{\left( \frac{2}{5} \right)}$", "0.4", 1.0, 1.0),
+    ("number form", r"$\boxed{(3)}$", "3", 1.0, 1.0),
+    ("number form", r"$\boxed{45 percent}$", r"45\%", 1.0, 1.0),
+    ("number form", r"$\boxed{45 \text{ pct}}$", r"45\%", 1.0, 1.0),
+    ("number form", r"$\boxed{y \approx 23}$", "23", 1.0, 1.0),
+    ("number form", r"$\boxed{0.45 \text{ percent}}$", "0.45", 1.0, 0.0),  # 0.45% is not 0.45
+    ("number form", r"$\boxed{2500,75}$", "2500.75", 0.0, 1.0),  # math-verify reads a boxed `a,b` as a pair
+    ("number form", r"The answer is 2500,75.", "2500.75", 1.0, 0.0),  # no box
+    # intervals with decimals: exact decimals match; a rounded one only at a coarser `float_rounding`
+    ("interval", r"$\boxed{(0.4, 1.25]}$", r"(\frac{2}{5}, \frac{5}{4}]", 1.0, 1.0),
+    ("interval", r"$\boxed{(0.6667, 2]}$", r"(\frac{2}{3}, 2]", 0.0, 0.0),
+    # golds with `\pm` inside a fraction, which math-verify alone reads as `-1` (shared gold reading)
+    (
+        "plus-minus gold",
+        r"$\boxed{y = -1, y = \frac{3 \pm \sqrt{5}}{2}}$",
+        r"y = -1, y = \frac{3 \pm \sqrt{5}}{2}",
+        1.0,
+        1.0,
+    ),
+    (
+        "plus-minus gold",
+        r"$\boxed{y = -1, y = \frac{3 \pm \sqrt{7}}{2}}$",
+        r"y = -1, y = \frac{3 \pm \sqrt{5}}{2}",
+        0.0,
+        0.0,
+    ),
+    (
+        "plus-minus gold",
+        r"$\boxed{-1, \frac{3+\sqrt5}{2}, \frac{3-\sqrt5}{2}}$",
+        r"y = -1, y = \frac{3 \pm \sqrt{5}}{2}",
+        1.0,
+        1.0,
+    ),
+    ("plus-minus gold", r"$\boxed{-1, \frac{3+\sqrt5}{2}}$", r"y = -1, y = \frac{3 \pm \sqrt{5}}{2}", 0.0, 0.0),
+    # a final answer stated in words after an intermediate box (`answer`)
+    ("final answer", r"There are $\boxed{12}$ rows of $110$ seats. The final answer is $1,320$.", "1320", 1.0, 0.0),
+    ("final answer", r"There are $\boxed{12}$ rows of $110$ seats. The final answer is $1,320$.", "12", 0.0, 1.0),
+    ("final answer", "The answer is 6.", "6", 1.0, 0.0),
+    # reward hacks the training rules close (`answer`, `numeric_gold`); evaluation scores what math-verify scores
+    ("hack", r"17 + 21 = \boxed{}", "38", 1.0, 0.0),
+    ("hack", r"$17 + 21 = \boxed{}$", "38", 0.0, 0.0),
+    ("hack", r"$\boxed{17+21}$", "38", 1.0, 0.0),
+    ("hack", r"$\boxed{40+5}$", "45", 1.0, 0.0),
+    # the question's own unsimplified fraction (issue 12, `fractions`)
+    ("unsimplified", r"$\boxed{\frac{84}{144}}$", r"\frac{7}{12}", 1.0, 0.0),
+    ("unsimplified", r"$\boxed{\frac{6}{3}}$", "2", 1.0, 0.0),
+    ("unsimplified", r"$\boxed{\frac{7}{12}}$", r"\frac{7}{12}", 1.0, 1.0),
+    ("unsimplified", r"$\boxed{0.5}$", r"\frac{1}{2}", 1.0, 1.0),
+    ("unsimplified", r"$\boxed{\frac{2}{4}}$", r"\frac{2}{4}", 1.0, 1.0),  # the gold is written that way
+    # text answers
+    ("text", r"$\boxed{\text{Tuesday}}$", r"\text{Tuesday}", 1.0, 1.0),
+    ("text", r"$\boxed{\text{Monday}}$", r"\text{Tuesday}", 0.0, 0.0),
+]
+
+
+@pytest.fixture(scope="module")
+def preset_scores():
+    texts, golds = [case[1] for case in PRESET_CASES], [case[2] for case in PRESET_CASES]
+    return score_math(texts, golds, scoring="evaluation"), score_math(texts, golds, scoring="training")
+
+
+@pytest.mark.parametrize("index", range(len(PRESET_CASES)), ids=[f"{c[0]}-{i}" for i, c in enumerate(PRESET_CASES)])
+def test_preset_table(preset_scores, index):
+    _, _, _, evaluation, training = PRESET_CASES[index]
+    assert (preset_scores[0][index], preset_scores[1][index]) == (evaluation, training)
+
+
+def test_evaluation_agrees_with_math_verify(preset_scores):
+    # The evaluation preset is math-verify itself (default extraction on the whole completion, gold first), except
+    # for golds with a `\pm` inside a fraction, which math-verify alone misreads.
+    mv_golds = {}
+    for (category, text, gold, _, _), score in zip(PRESET_CASES, preset_scores[0]):
+        mv_golds.setdefault(gold, math_verify.parse(f"${gold}$", parsing_timeout=None))
+        verdict = math_verify.verify(
+            mv_golds[gold], math_verify.parse(text, parsing_timeout=None), timeout_seconds=None
+        )
+        if category != "plus-minus gold":
+            assert score == float(verdict), text
+
+
+def test_scoring_is_the_same_inline():
+    texts, golds = [case[1] for case in PRESET_CASES[:8]], [case[2] for case in PRESET_CASES[:8]]
+    for scoring in MATH_SCORING:
+        assert score_math(texts, golds, scoring=scoring, max_workers=0) == score_math(texts, golds, scoring=scoring)
+
+
+@pytest.mark.parametrize(
+    ("spec", "text", "gold", "expected"),
+    [
+        ("training,multi_box=last", r"$\boxed{3}$ and $\boxed{-5}$", "-5, 3", 0.0),
+        ("training,numeric_gold=equivalent,fractions=any", r"\boxed{17+21}", "38", 1.0),
+        ("training,fractions=any", r"\boxed{\frac{84}{144}}", r"\frac{7}{12}", 1.0),
+        ("training,float_rounding=3", r"\boxed{(0.6667, 2]}", r"(\frac{2}{3}, 2]", 1.0),
+        (MathScoring(text_golds="as_text"), r"\boxed{5}", "abc?!", 0.0),  # compared as text: wrong, not unscorable
+    ],
+)
+def test_each_setting_can_be_changed(spec, text, gold, expected):
+    assert score_math([text], [gold], scoring=spec) == [expected]
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("train", "Unknown math scoring preset 'train'"),
+        ("training,multi_box", "write `field=value`"),
+        ("training,boxes=all", "write `field=value`"),
+        ("training,multi_box=first", r"multi_box must be one of \['last', 'answer_set'\]"),
+        ("training,float_rounding=x", "float_rounding takes an integer"),
+        ("training,answer=math_verify", "plain-number rules read a boxed answer"),
+        ("", "preset name"),
+    ],
+)
+def test_bad_scoring_spec(spec, match):
+    with pytest.raises(ValueError, match=match):
+        MathScoring.from_spec(spec)
+
+
+def test_presets_differ_only_in_named_settings():
+    training, evaluation = MATH_SCORING["training"], MATH_SCORING["evaluation"]
+    differing = {key for key, value in training.to_dict().items() if evaluation.to_dict()[key] != value}
+    assert differing == {"answer", "numeric_gold", "fractions", "text_golds"}
+    assert MathScoring.from_spec("evaluation") == evaluation
+
+
+@pytest.mark.parametrize(
+    ("text", "boxes"),
+    [
+        (r"$\boxed{1}$ and $\boxed{2}$", ["1", "2"]),
+        (r"\boxed{1}, \boxed{2}, or \boxed{3}", ["1", "2", "3"]),
+        (r"\boxed{a} \quad \text{and} \quad \boxed{b}", ["a", "b"]),
+        (r"\boxed{1} is the first step; the answer is \boxed{2}", ["2"]),
+        (r"\boxed{\boxed{9}}", ["9"]),
+        (r"\boxed{1} \boxed{2", []),
+        ("none", []),
+    ],
+)
+def test_extract_final_boxes(text, boxes):
+    assert extract_final_boxes(text) == boxes
+    assert extract_boxed(text) == (boxes[-1] if boxes else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -372,6 +546,15 @@ def test_registry():
     }
     with pytest.raises(ValueError, match=r"Unknown reward function 'acc'\. Valid names: accuracy, code, format\. Fix"):
         get_reward_funcs(["accuracy", "acc"])
+
+
+def test_registry_binds_the_recipe_math_scoring():
+    assert get_reward_funcs(["accuracy"], math_scoring="training") == [accuracy_reward]
+    (accuracy,) = get_reward_funcs(["accuracy"], math_scoring="training,multi_box=last")
+    assert accuracy.__name__ == "accuracy_reward"
+    two_boxes = r"$\boxed{3}$ and $\boxed{-5}$"
+    assert accuracy([two_boxes], answer=["-5, 3"]) == [0.0]
+    assert accuracy_reward([two_boxes], answer=["-5, 3"]) == [1.0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

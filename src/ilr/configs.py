@@ -139,6 +139,9 @@ class ILRScriptArguments(ScriptArguments):
             Reward names from `ilr.rewards.REWARD_FUNCS`. Weights are `reward_weights` in the training config.
         allow_code_execution (`bool`, *optional*, defaults to `False`):
             Allow the `code` reward to run model-written code in the sandbox. Off by default: the code is untrusted.
+        math_scoring (`str`, *optional*, defaults to `"training"`):
+            Rules of the `accuracy` reward: a preset of `ilr.rewards.MATH_SCORING` (`training`, `evaluation`),
+            optionally with overrides of `ilr.rewards.MathScoring` fields: `training,multi_box=last`.
     """
 
     dataset_name: str | None = field(
@@ -163,9 +166,18 @@ class ILRScriptArguments(ScriptArguments):
     allow_code_execution: bool = field(
         default=False, metadata={"help": "Allow the code reward to run model-written code in the sandbox."}
     )
+    math_scoring: str = field(
+        default="training",
+        metadata={"help": "Accuracy reward rules: training or evaluation, optionally with overrides (training,x=y)."},
+    )
 
     def __post_init__(self):
-        from ilr.rewards import REWARD_FUNCS  # late import: configs must stay importable on its own
+        from ilr.rewards import REWARD_FUNCS, MathScoring  # late import: configs must stay importable on its own
+
+        try:
+            MathScoring.from_spec(self.math_scoring)
+        except ValueError as error:
+            raise RecipeError(f"`math_scoring`: {error}") from None
 
         _one_of("answer_format", self.answer_format, ("plain", "boxed", "gsm8k"))
         _positive("max_train_samples", self.max_train_samples)

@@ -69,7 +69,7 @@ DEMO_BENCHMARK = "arithmetic"
 DEFAULT_CONFIG = "recipes/demo/ilr/config_smollm2_demo.yaml"
 DEFAULT_EVAL_FILE = "recipes/demo/data/arithmetic_test.jsonl"
 DEFAULT_OUTPUT_DIR = "outputs/demo/smollm2"
-# Metric key -> label in the table. Accuracy: the boxed answer verifies equal to the gold (`ilr.rewards.score_math`).
+# Metric key -> label in the table. Accuracy: math-verify finds the answer equal to the gold (`ilr evaluate`'s scoring).
 # Format: the last `\boxed{}` holds a plain number (after its last `=`), right or wrong: the answer-format compliance.
 METRICS: dict[str, str] = {"accuracy": "accuracy", "format": "format (numeric \\boxed{})"}
 # `--quick`: enough to exercise every step on the real model in a few minutes; its numbers mean nothing.
@@ -84,9 +84,10 @@ def is_compliant(extracted: str | None) -> bool:
     r"""
     Whether a final answer follows the answer format: a non-empty `\boxed{}` whose content is a plain number.
 
-    The content is read after its last `=` and must be an integer, decimal or integer fraction (units and `\$`
-    allowed), the rule [`~ilr.rewards.score_math`] applies to numeric golds: `\boxed{17+21}` and `\boxed{}` are not
-    compliant, `\boxed{38}` and `\boxed{17+21=38}` are. A correct answer is always compliant.
+    The content is read after its last `=` or `\approx` and must be an integer, decimal or integer fraction (units and
+    `\$` allowed), the rule the training reward ([`~ilr.rewards.score_math`], `training` preset) applies to numeric
+    golds: `\boxed{17+21}` and `\boxed{}` are not compliant, `\boxed{38}` and `\boxed{17+21=38}` are. Accuracy uses
+    math-verify's own verdicts (the `evaluation` preset), so a correct answer stated without a box is not compliant.
 
     Args:
         extracted (`str` or `None`):

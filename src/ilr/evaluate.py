@@ -8,8 +8,10 @@ each agent's own final-answer accuracy (the paper's Table 4). Protocol by sampli
 - avg@n / pass@k: `num_samples = n` samples per problem (sampling needs `temperature > 0`); `accuracy` is the mean
   over samples (avg@n, the unbiased pass@1) and pass@k uses the unbiased estimator of `ilr.stats.pass_at_k`.
 
-Maths is scored with `ilr.rewards.score_math` (boxed answer, math-verify); code with the benchmark's tests in the
-sandbox (all tests must pass to count as correct; the fraction passed is reported as `test_pass_rate`). A completion
+Maths is scored with `ilr.rewards.score_math` under its `evaluation` preset (`--math_scoring`): math-verify's own
+verdicts, with its default extraction on the whole completion as lighteval uses it, so the numbers are comparable with
+lighteval and open-r1 (the training reward's stricter rules are the `training` preset); code with the benchmark's tests
+in the sandbox (all tests must pass to count as correct; the fraction passed is reported as `test_pass_rate`). A completion
 that cannot be scored (unparsable gold, timeout) counts as wrong and is counted in `n_unscored`. Every score comes
 with a 95% bootstrap interval over problems (two-level, problems then samples, when `n > 1`), and "Avg" is the mean of
 the five maths benchmarks (gsm8k, math500, minerva, olympiadbench, aime), reported when all five were run.
@@ -30,6 +32,7 @@ interval is `{estimate, low, high, confidence, n_resamples, method}`):
     agents       names of all agents of the run (one for a single model)
     protocol     {name: single|debate|idea3, config, mode, irt_cache, debate_rounds}
     sampling     {num_samples, k, temperature, top_p, top_k, max_new_tokens, system_prompt, backend, batch_size}
+    scoring      {math: the `ilr.rewards.MathScoring` fields used}
     seed
     confidence   {level, n_resamples, method}
     benchmarks   {<name>: {
@@ -92,6 +95,7 @@ if TYPE_CHECKING:
     from ilr.configs import AgentConfig
     from ilr.generation import GenerationBackend
     from ilr.interaction import Transcript
+    from ilr.rewards import MathScoring
 
 
 __all__ = [
@@ -202,6 +206,9 @@ class EvalConfig:
 
     allow_code_execution (`bool`, *optional*, defaults to `False`):
         Run model-written code for code benchmarks (or set `ILR_ALLOW_CODE_EXECUTION=1`).
+    math_scoring (`str`, *optional*, defaults to `"evaluation"`):
+        Maths scoring rules: a preset of `ilr.rewards.MATH_SCORING`, optionally with overrides
+        (`evaluation,float_rounding=4`); `training` scores as the accuracy reward does.
     output_dir (`str`, *optional*, defaults to `"outputs/eval"`):
         Where `run.json`, the details files and the results files go.
     overwrite (`bool`, *optional*, defaults to `False`):
@@ -242,6 +249,7 @@ class EvalConfig:
     batch_size: int = 16
     backend: str = "transformers"
     allow_code_execution: bool = False
+    math_scoring: str = "evaluation"
     output_dir: str = "outputs/eval"
     overwrite: bool = False
     baseline: str | None = None
@@ -270,6 +278,10 @@ class EvalConfig:
             raise EvaluationError("Pass `--mode` (one framing for all) or `--irt_cache` (per question), not both.")
         if self.backend not in BACKENDS:
             raise EvaluationError(f"`--backend` must be one of {list(BACKENDS)} (got {self.backend!r}).")
+        try:
+            self.scoring  # noqa: B018 - validates `math_scoring`
+        except ValueError as error:
+            raise EvaluationError(f"`--math_scoring`: {error}") from None
         self.benchmarks = expand_benchmarks(self.benchmarks)
         for key in ("num_samples", "batch_size", "max_new_tokens", "n_resamples"):
             if getattr(self, key) < 1:
@@ -325,6 +337,13 @@ class EvalConfig:
             "max_new_tokens": self.max_new_tokens,
             "system_prompt": self.system_prompt,
         }
+
+    @property
+    def scoring(self) -> dict[str, Any]:
+        """The scoring rules, as recorded in `run.json` and the results: resumed scores must follow the same ones."""
+        from ilr.rewards import MathScoring
+
+        return {"math": MathScoring.from_spec(self.math_scoring).to_dict()}
 
     @property
     def protocol_settings(self) -> dict[str, Any]:
@@ -441,6 +460,7 @@ def parse_eval_args(argv: Sequence[str]) -> EvalConfig:
     sampling.add_argument("--backend", default="transformers", choices=BACKENDS)
     out = parser.add_argument_group("scoring and output")
     out.add_argument("--allow_code_execution", action="store_true")
+    out.add_argument("--math_scoring", default="evaluation", help="evaluation or training, optionally with overrides")
     out.add_argument("--output_dir", default="outputs/eval")
     out.add_argument("--overwrite", action="store_true")
     out.add_argument("--baseline", help="results file of another run, for paired differences")
@@ -534,7 +554,11 @@ def _write_json(path: Path, data: Any) -> None:
 # Scoring
 # ---------------------------------------------------------------------------------------------------------------------
 def score_completions(
-    rows: Sequence[dict[str, Any]], completions: Sequence[Sequence[str]], *, allow_code_execution: bool = False
+    rows: Sequence[dict[str, Any]],
+    completions: Sequence[Sequence[str]],
+    *,
+    allow_code_execution: bool = False,
+    math_scoring: str | MathScoring = "evaluation",
 ) -> tuple[list[list[float | None]], list[list[str | None]]]:
     """
     Score every sample of every problem: maths with `score_math`, code with the problem's tests in the sandbox.
@@ -546,6 +570,8 @@ def score_completions(
             For each row, its sampled completions.
         allow_code_execution (`bool`, *optional*, defaults to `False`):
             Opt-in to run model-written code (or `ILR_ALLOW_CODE_EXECUTION=1`).
+        math_scoring (`str` or `MathScoring`, *optional*, defaults to `"evaluation"`):
+            Maths scoring rules (`ilr.rewards.MATH_SCORING`): math-verify's own verdicts by default.
 
     Returns:
         `tuple[list[list[float | None]], list[list[str | None]]]`: per row and sample, the score (1/0 for maths, the
@@ -561,7 +587,9 @@ def score_completions(
     math_items = [(r, s, text) for r, s, text in flat if rows[r]["task"] == "math"]
     code_items = [(r, s, text) for r, s, text in flat if rows[r]["task"] == "code"]
     if math_items:
-        values = score_math([text for _, _, text in math_items], [rows[r]["answer"] for r, _, _ in math_items])
+        values = score_math(
+            [text for _, _, text in math_items], [rows[r]["answer"] for r, _, _ in math_items], scoring=math_scoring
+        )
         for (r, s, text), value in zip(math_items, values):
             scores[r][s], extracted[r][s] = value, extract_boxed(text)
     if code_items:
@@ -849,7 +877,10 @@ def _run_batch(
     flat_rows = [row for row in rows for _ in range(num_agents)]
     scoring_start = time.perf_counter()
     scores, extracted = score_completions(
-        flat_rows, [t for per_agent in texts for t in per_agent], allow_code_execution=config.allow_code_execution
+        flat_rows,
+        [t for per_agent in texts for t in per_agent],
+        allow_code_execution=config.allow_code_execution,
+        math_scoring=config.math_scoring,
     )
     scoring_s = time.perf_counter() - scoring_start
     records = []
@@ -1173,6 +1204,7 @@ def run_evaluation(
         "models": infos,
         "protocol": config.protocol_settings,
         "sampling": config.sampling,
+        "scoring": config.scoring,
         "seed": config.seed,
     }
     _check_run_identity(output_dir, identity, config.overwrite)
@@ -1202,6 +1234,7 @@ def run_evaluation(
             "agents": [other["name"] for other in infos],
             "protocol": config.protocol_settings,
             "sampling": {**config.sampling, "backend": config.backend, "batch_size": config.batch_size},
+            "scoring": config.scoring,
             "seed": config.seed,
             "confidence": {
                 "level": config.confidence,

@@ -143,7 +143,11 @@ def main(
     # Load data and rewards
     ###############
     train_dataset, validation_dataset = load_data(script_args, training_args)
-    reward_funcs = get_reward_funcs(script_args.reward_funcs, allow_code_execution=script_args.allow_code_execution)
+    reward_funcs = get_reward_funcs(
+        script_args.reward_funcs,
+        allow_code_execution=script_args.allow_code_execution,
+        math_scoring=script_args.math_scoring,
+    )
     logger.info("%d training questions; rewards %s", len(train_dataset), script_args.reward_funcs)
 
     ###############

@@ -1,4 +1,4 @@
-"""`math_accuracy`: final-answer accuracy of maths completions, as ILR scores them (math-verify, boxed answers)."""
+"""`math_accuracy`: final-answer accuracy of maths completions, as `ilr evaluate` scores them (math-verify's verdicts)."""
 
 import datasets
 import evaluate
@@ -7,9 +7,10 @@ from ilr.rewards import score_math
 
 
 _DESCRIPTION = """
-Accuracy of maths completions against gold final answers, with the rules of `ilr.rewards.score_math`: the answer is
-the content of the last `\\boxed{}`, compared with math-verify (gold first); a plain-number gold needs a plain-number
-answer. A prediction that cannot be scored (unparsable gold, timeout) counts as wrong and is reported in `unscored`.
+Accuracy of maths completions against gold final answers, scored by `ilr.rewards.score_math` with its `evaluation`
+preset, as `ilr evaluate` does: the answer is what math-verify's default extraction finds in the completion (boxed or
+not, as lighteval reads it), compared with math-verify (gold first). A prediction that cannot be scored (unparsable
+gold, timeout) counts as wrong and is reported in `unscored`.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -39,7 +40,7 @@ class MathAccuracy(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        scores = score_math(list(predictions), list(references))
+        scores = score_math(list(predictions), list(references), scoring="evaluation")
         correct = [score or 0.0 for score in scores]
         return {
             "accuracy": sum(correct) / len(correct) if correct else 0.0,
