@@ -129,6 +129,11 @@ def main(
     logger.info("Agents: %s", [f"{agent.name} ({agent.model_name_or_path})" for agent in agents_args.agents])
     logger.info("Training/evaluation parameters %s", training_args)
     set_seed(training_args.seed)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from ilr.plan import warn_if_unfit
+
+        # Before any model is loaded: the plan needs the models' configs only (`ilr plan` prints it in full).
+        warn_if_unfit(agents_args.agents, training_args)
     ###############
     # Checkpoints
     ###############
