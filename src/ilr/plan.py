@@ -575,47 +575,74 @@ def build_plan(
         [`Plan`]
     """
     args = training_args
-    backend = args.generation_backend
-    layout = {"vllm": "colocate", "vllm_server": "server"}.get(backend, "transformers")
-    num_agents = len(agents)
-    serving_gpus = num_agents * hardware.vllm_gpus_per_agent if layout == "server" else 0
+    layout = {"vllm": "colocate", "vllm_server": "server"}.get(args.generation_backend, "transformers")
+    serving_gpus = len(agents) * hardware.vllm_gpus_per_agent if layout == "server" else 0
     train_gpus = hardware.num_gpus - serving_gpus
-    gpu_memory = int(hardware.gpu_memory_gb * GB)
-    plan = Plan(layout=layout, gpu_memory=gpu_memory, num_training_gpus=max(0, train_gpus))
+    plan = Plan(layout=layout, gpu_memory=int(hardware.gpu_memory_gb * GB), num_training_gpus=max(0, train_gpus))
     if train_gpus < 1:
         plan.problems.append(
             f"{hardware.num_gpus} GPU(s) leave none for training after {serving_gpus} serving GPU(s) "
-            f"({num_agents} agents x {hardware.vllm_gpus_per_agent}): use more GPUs or `--vllm_gpus_per_agent 1`."
+            f"({len(agents)} agents x {hardware.vllm_gpus_per_agent}): use more GPUs or `--vllm_gpus_per_agent 1`."
         )
         return plan
     if distribution.kind == "fsdp" and args.method == "ilr":
         plan.problems.append("The ILR trainer refuses FSDP: use recipes/accelerate_configs/zero3.yaml for sharding.")
     questions = _questions_per_step(args, train_gpus, explicit_generation_batch)
-    local_questions = max(1, questions // train_gpus)
-    stages = stage_lengths(args, num_agents, question_tokens)
-    trained_stages = ["share"] if args.method == "grpo" else list(args.train_stages)
-    longest = max(stages[stage][0] + stages[stage][1] for stage in trained_stages)
-    longest_completion = max(stages[stage][1] for stage in trained_stages)
-    context = max(prompt + completion for prompt, completion, _ in stages.values())
+    stages = stage_lengths(args, len(agents), question_tokens)
+    trained = {stage: stages[stage] for stage in (["share"] if args.method == "grpo" else args.train_stages)}
     plan.settings = {
         "questions_per_step": questions,
-        "questions_per_gpu": local_questions,
-        "longest_trained_row": longest,
-        "longest_context": context,
+        "questions_per_gpu": max(1, questions // train_gpus),
+        "longest_trained_row": max(prompt + completion for prompt, completion, _ in trained.values()),
+        "longest_completion": max(completion for _, completion, _ in trained.values()),
+        "longest_context": max(prompt + completion for prompt, completion, _ in stages.values()),
         "training_gpus": train_gpus,
         "serving_gpus": serving_gpus,
+        "agents": len(agents),
     }
-    train = "training GPU"
-    everywhere = PHASES
-    # Engines sleep through the update and are woken for the weight sync: the ILR trainer puts them to sleep after
-    # the discussion, TRL's GRPOTrainer after generating.
-    sleeping = bool(args.vllm_enable_sleep_mode)
-    zero3_gathers = distribution.kind == "zero3"
+    _add_training_terms(plan, agents, args, shapes, distribution)
+    generation_seconds = sum(_add_engine_terms(plan, agent, args, shapes, stages, hardware) for agent in agents)
+    if layout == "transformers":
+        _keep_largest_generate_cache(plan)
+    for device in plan.devices():
+        peak, phase = plan.peak(device)
+        if peak > plan.gpu_memory:
+            largest = plan.largest_term(device, phase)
+            plan.problems.append(
+                f"{device}: {peak / GB:.1f} GB during {phase} exceeds {plan.gpu_memory / GB:.0f} GB; largest term: "
+                f"{largest.name} of `{largest.agent}` ({largest.bytes / GB:.1f} GB): change {largest.setting}"
+                + _layout_hint(layout, bool(args.vllm_enable_sleep_mode), phase)
+            )
+    # Update FLOPs: 6 per parameter and trained token (forward + backward), 2 more when checkpointed layers rerun.
+    trained_tokens = questions * sum(
+        samples * (prompt + completion) for prompt, completion, samples in trained.values()
+    )
+    flops_per_token = (8 if args.gradient_checkpointing else 6) * args.num_iterations
+    update_flops = sum(flops_per_token * shapes[a.model_name_or_path].num_parameters * trained_tokens for a in agents)
+    update_seconds = update_flops / (train_gpus * hardware.tflops * 1e12 * TRAIN_MFU)
+    plan.estimate = {
+        "questions_per_step": questions,
+        "generated_tokens": questions * len(agents) * sum(n * completion for _, completion, n in stages.values()),
+        "trained_tokens_per_agent": trained_tokens,
+        "generation_seconds": generation_seconds,
+        "update_seconds": update_seconds,
+        "step_seconds": generation_seconds + update_seconds,
+    }
+    return plan
 
-    # --- training GPUs: model states, activations, gathered weights, runtime -----------------------------------------
-    activation_peak = 0
-    activation_agent = ""
-    gathered = 0
+
+def _add_training_terms(
+    plan: Plan, agents: Sequence[Any], args: Any, shapes: Mapping[str, ModelShape], distribution: Distribution
+) -> None:
+    """Model states per agent, the largest agent's activations, ZeRO-3 gathered weights and the runtime reserve."""
+    train, gpus = "training GPU", plan.num_training_gpus
+    sharding = (
+        "the number of training GPUs (ZeRO-3 splits these over them), `use_peft: true`, or optimizer offload"
+        if distribution.kind == "zero3"
+        else "--accelerate_config to recipes/accelerate_configs/zero3.yaml (shards these over the GPUs)"
+    )
+    activations: list[tuple[int, str]] = []
+    gathered: list[int] = []
     for agent in agents:
         shape = shapes[agent.model_name_or_path]
         dtype_bytes = _dtype_bytes(agent, shape)
@@ -624,202 +651,157 @@ def build_plan(
             shape.num_parameters,
             shape.largest_layer_parameters,
             distribution,
-            train_gpus,
+            gpus,
             dtype_bytes=dtype_bytes,
             trainable_parameters=trainable,
         )
-        sharding = (
-            "the number of training GPUs (ZeRO-3 splits these over them), `use_peft: true`, or optimizer offload"
-            if distribution.kind == "zero3"
-            else "--accelerate_config to recipes/accelerate_configs/zero3.yaml (shards these over the GPUs)"
-        )
         lora = f" (LoRA r={agent.lora_r}: {trainable / 1e6:.0f}M trainable)" if trainable is not None else ""
-        plan.terms += [
-            MemoryTerm(train, agent.name, f"parameters{lora}", states["parameters"], everywhere, sharding),
-            MemoryTerm(train, agent.name, "gradients", states["gradients"], everywhere, sharding),
-            MemoryTerm(train, agent.name, "optimizer states", states["optimizer"], everywhere, sharding),
-        ]
-        if states["zero_buffers"]:
-            plan.terms.append(
-                MemoryTerm(train, agent.name, "ZeRO-3 gather buffer", states["zero_buffers"], everywhere, sharding)
-            )
+        for key, name in (
+            ("parameters", f"parameters{lora}"),
+            ("gradients", "gradients"),
+            ("optimizer", "optimizer states"),
+            ("zero_buffers", "ZeRO-3 gather buffer"),
+        ):
+            if states[key] or key != "zero_buffers":
+                plan.terms.append(MemoryTerm(train, agent.name, name, states[key], PHASES, sharding))
         if args.beta != 0.0 and not agent.use_peft:
-            reference = dtype_bytes * shape.num_parameters // (train_gpus if distribution.kind == "zero3" else 1)
-            plan.terms.append(MemoryTerm(train, agent.name, "reference model", reference, everywhere, "`beta: 0.0`"))
-        acts = activation_bytes(
+            reference = dtype_bytes * shape.num_parameters // (gpus if distribution.kind == "zero3" else 1)
+            plan.terms.append(MemoryTerm(train, agent.name, "reference model", reference, PHASES, "`beta: 0.0`"))
+        activation = activation_bytes(
             shape,
             args.per_device_train_batch_size,
-            longest,
-            longest_completion,
+            plan.settings["longest_trained_row"],
+            plan.settings["longest_completion"],
             gradient_checkpointing=args.gradient_checkpointing,
             eager_attention=agent.attn_implementation == "eager",
         )
-        if sum(acts.values()) > activation_peak:
-            activation_peak, activation_agent = sum(acts.values()), agent.name
+        activations.append((sum(activation.values()), agent.name))
         # TRL's GRPOTrainer syncs a full fine-tuned model parameter by parameter (within the gather buffer); the ILR
         # trainer and any LoRA merge gather one agent's whole weights at a time.
-        if zero3_gathers and (args.method == "ilr" or agent.use_peft):
-            gathered = max(gathered, dtype_bytes * shape.num_parameters)
+        if distribution.kind == "zero3" and (args.method == "ilr" or agent.use_peft):
+            gathered.append(dtype_bytes * shape.num_parameters)
     # Agents are updated one after the other: the largest agent's activations are the peak.
-    plan.terms.append(
-        MemoryTerm(
-            train,
-            activation_agent,
-            f"activations ({args.per_device_train_batch_size} rows x {longest} tokens"
-            f"{', checkpointed' if args.gradient_checkpointing else ''})",
-            activation_peak,
-            ("update",),
-            "`per_device_train_batch_size` (raise `gradient_accumulation_steps` to keep the batch)"
-            + ("" if args.gradient_checkpointing else ", or `gradient_checkpointing: true`"),
-        )
-    )
-    if zero3_gathers and layout == "transformers":
+    peak, name = max(activations)
+    checkpointed = ", checkpointed" if args.gradient_checkpointing else ""
+    rows = f"{args.per_device_train_batch_size} rows x {plan.settings['longest_trained_row']} tokens{checkpointed}"
+    setting = "`per_device_train_batch_size` (raise `gradient_accumulation_steps` to keep the batch)"
+    setting += "" if args.gradient_checkpointing else ", or `gradient_checkpointing: true`"
+    plan.terms.append(MemoryTerm(train, name, f"activations ({rows})", peak, ("update",), setting))
+    if gathered and plan.layout == "transformers":
         # The transformers backend generates with every agent's whole weights, gathered for the whole discussion.
-        every = sum(
-            _dtype_bytes(a, shapes[a.model_name_or_path]) * shapes[a.model_name_or_path].num_parameters for a in agents
-        )
         plan.terms.append(
-            MemoryTerm(train, "all", "ZeRO-3 gathered weights", every, ("generation",), "zero2.yaml, or more GPUs")
+            MemoryTerm(train, "all", "ZeRO-3 gathered weights", sum(gathered), ("generation",), "zero2.yaml")
         )
     elif gathered:
-        # The weight sync gathers one agent's whole weights at a time.
         plan.terms.append(
-            MemoryTerm(
-                train, "largest", "ZeRO-3 gathered weights", gathered, ("weight sync",), "zero2.yaml, or more GPUs"
-            )
+            MemoryTerm(train, "largest", "ZeRO-3 gathered weights", max(gathered), ("weight sync",), "more GPUs")
         )
-    plan.terms.append(
+    reserve = int(TRAINING_RUNTIME_GB * GB)
+    plan.terms.append(MemoryTerm(train, "-", "CUDA context, workspaces, fragmentation", reserve, PHASES, "-"))
+
+
+def _add_engine_terms(
+    plan: Plan,
+    agent: Any,
+    args: Any,
+    shapes: Mapping[str, ModelShape],
+    stages: Mapping[str, tuple[int, int, int]],
+    hardware: Hardware,
+) -> float:
+    """One agent's generation memory (vLLM engine or `generate`'s KV cache) and its checks; returns its rough
+    generation seconds per step."""
+    shape = shapes[agent.model_name_or_path]
+    dtype_bytes = _dtype_bytes(agent, shape)
+    context = plan.settings["longest_context"]
+    local_questions = plan.settings["questions_per_gpu"]
+    if plan.layout == "transformers":
+        sequences = local_questions * max(samples for _, _, samples in stages.values())
+        kv = sequences * context * shape.kv_bytes_per_token(dtype_bytes)
+        name = f"KV cache of generate ({sequences} sequences)"
+        plan.terms.append(
+            MemoryTerm("training GPU", agent.name, name, kv, ("generation",), "`generation_backend: vllm`")
+        )
+        return _generation_seconds(shape, dtype_bytes, stages, local_questions, hardware, 1, 1)
+    # Colocated tensor parallelism is TRL's (`vllm_tensor_parallel_size`, the GRPO baseline); ILR's engines use one
+    # GPU each. A tensor-parallel group serves the questions of all its GPUs.
+    if plan.layout == "server":
+        tp = hardware.vllm_gpus_per_agent
+        budget = int(SERVER_GPU_MEMORY_UTILIZATION * plan.gpu_memory)
+        max_model_len = shape.max_position_embeddings
+        device, questions = f"server GPU ({agent.name})", plan.settings["questions_per_step"]
+        setting = "`trl vllm-serve --gpu_memory_utilization` (0.9)"
+        sleeping = False
+    else:
+        tp = args.vllm_tensor_parallel_size if args.method == "grpo" else 1
+        budget = int(args.vllm_gpu_memory_utilization / plan.settings["agents"] * plan.gpu_memory)
+        max_model_len = args.vllm_max_model_length or shape.max_position_embeddings
+        device, questions = "training GPU", local_questions * tp
+        setting = "`vllm_gpu_memory_utilization` (split between the agents' engines)"
+        # Engines sleep through the update and wake for the weight sync: the ILR trainer puts them to sleep after
+        # the discussion, TRL's GRPOTrainer after generating.
+        sleeping = bool(args.vllm_enable_sleep_mode)
+    weights = dtype_bytes * shape.num_parameters // tp
+    batched = SERVER_MAX_BATCHED_TOKENS if plan.layout == "server" else COLOCATE_MAX_BATCHED_TOKENS
+    widths = 2 * shape.hidden_size + 2 * shape.num_kv_heads * shape.head_dim + 2 * shape.intermediate_size
+    # Profiled activations of one batch of tokens, the sampler's float32 logits, CUDA graphs and non-torch memory.
+    runtime = int(batched * dtype_bytes * widths // tp + 3 * VLLM_MAX_NUM_SEQS * shape.vocab_size * 4)
+    runtime += int(ENGINE_RUNTIME_GB * GB)
+    kv_capacity = max(0, budget - weights - runtime)
+    kv_per_token = shape.kv_bytes_per_token(dtype_bytes, tp)
+    awake = ("generation", "weight sync") if sleeping else PHASES
+    plan.terms += [
+        MemoryTerm(device, agent.name, f"vLLM weights (tp={tp})", weights, awake, setting),
+        MemoryTerm(device, agent.name, "vLLM activations, CUDA graphs", runtime, awake, setting),
         MemoryTerm(
-            train, "-", "CUDA context, workspaces, fragmentation", int(TRAINING_RUNTIME_GB * GB), everywhere, "-"
+            device,
+            agent.name,
+            f"vLLM KV cache ({kv_capacity // kv_per_token} tokens)",
+            kv_capacity,
+            ("generation",) if sleeping else PHASES,
+            setting,
+        ),
+    ]
+    if sleeping:
+        plan.terms.append(
+            MemoryTerm(device, agent.name, "vLLM asleep", int(SLEEPING_ENGINE_GB * GB), ("update",), "-")
         )
+    if max_model_len < context:
+        plan.problems.append(
+            f"vLLM engine of `{agent.name}`: max_model_len {max_model_len} is shorter than the longest Idea3 row "
+            f"(~{context} tokens: prompt with the peers' texts + completion); vLLM rejects longer requests. Raise "
+            "`vllm_max_model_length`, or lower `peer_max_tokens` / `max_completion_length`."
+        )
+    needed = max_model_len * kv_per_token
+    if kv_capacity < needed:
+        if plan.layout == "server":
+            fix = "Give each server more GPUs (`--vllm_gpus_per_agent`, the Slurm script's VLLM_GPUS_PER_AGENT)"
+        else:
+            share = (weights + runtime + needed) / plan.gpu_memory * plan.settings["agents"]
+            fix = f"Raise `vllm_gpu_memory_utilization` to >= {share:.2f}"
+        plan.problems.append(
+            f"vLLM engine of `{agent.name}`: {budget / GB:.1f} GB leave {kv_capacity / GB:.1f} GB of KV cache "
+            f"after {weights / GB:.1f} GB of weights, less than one sequence of max_model_len {max_model_len} needs "
+            f"({needed / GB:.1f} GB; vLLM refuses to start). {fix}, or lower `vllm_max_model_length` (the longest "
+            f"Idea3 row is ~{context} tokens)."
+        )
+    else:
+        batch = max(questions * (prompt + samples * completion) for prompt, completion, samples in stages.values())
+        if kv_capacity < batch * kv_per_token:
+            plan.notes.append(
+                f"`{agent.name}`'s KV cache holds {kv_capacity // kv_per_token} tokens, "
+                f"{100 * kv_capacity / (batch * kv_per_token):.0f}% of its largest stage's {batch} tokens: vLLM "
+                "runs that stage in waves."
+            )
+    return _generation_seconds(
+        shape, dtype_bytes, stages, questions, hardware, tp, max(1, kv_capacity // kv_per_token)
     )
 
-    # --- generation engines -------------------------------------------------------------------------------------------
-    generation_seconds = 0.0
-    for agent in agents:
-        shape = shapes[agent.model_name_or_path]
-        dtype_bytes = _dtype_bytes(agent, shape)
-        if layout == "transformers":
-            sequences = local_questions * max(samples for _, _, samples in stages.values())
-            kv = sequences * context * shape.kv_bytes_per_token(dtype_bytes)
-            plan.terms.append(
-                MemoryTerm(
-                    train,
-                    agent.name,
-                    f"KV cache of generate ({sequences} sequences)",
-                    kv,
-                    ("generation",),
-                    "`generation_backend: vllm`",
-                )
-            )
-            generation_seconds += _generation_seconds(shape, dtype_bytes, stages, local_questions, hardware, 1, 1)
-            continue
-        # Colocated tensor parallelism is TRL's (`vllm_tensor_parallel_size`, the GRPO baseline); ILR's engines use one
-        # GPU each. A tensor-parallel group serves the questions of all its GPUs.
-        if layout == "server":
-            tp = hardware.vllm_gpus_per_agent
-        else:
-            tp = args.vllm_tensor_parallel_size if args.method == "grpo" else 1
-        weights = dtype_bytes * shape.num_parameters // tp
-        batched = COLOCATE_MAX_BATCHED_TOKENS if layout == "colocate" else SERVER_MAX_BATCHED_TOKENS
-        runtime = int(
-            batched
-            * dtype_bytes
-            * (2 * shape.hidden_size + 2 * shape.num_kv_heads * shape.head_dim + 2 * shape.intermediate_size)
-            // tp
-            + 3 * VLLM_MAX_NUM_SEQS * shape.vocab_size * 4
-            + ENGINE_RUNTIME_GB * GB
-        )
-        if layout == "colocate":
-            budget = int(args.vllm_gpu_memory_utilization / num_agents * gpu_memory)
-            max_model_len = args.vllm_max_model_length or shape.max_position_embeddings
-            device, serving_questions = train, local_questions * tp
-            budget_setting = "`vllm_gpu_memory_utilization` (split between the agents' engines)"
-        else:
-            budget = int(SERVER_GPU_MEMORY_UTILIZATION * gpu_memory)
-            max_model_len = shape.max_position_embeddings
-            device, serving_questions = f"server GPU ({agent.name})", questions
-            budget_setting = "`trl vllm-serve --gpu_memory_utilization` (0.9)"
-        kv_capacity = budget - weights - runtime
-        kv_per_token = shape.kv_bytes_per_token(dtype_bytes, tp)
-        awake = ("generation", "weight sync") if sleeping and layout == "colocate" else everywhere
-        plan.terms.append(MemoryTerm(device, agent.name, f"vLLM weights (tp={tp})", weights, awake, budget_setting))
-        plan.terms.append(
-            MemoryTerm(device, agent.name, "vLLM activations, CUDA graphs", runtime, awake, budget_setting)
-        )
-        kv_phases = ("generation",) if sleeping and layout == "colocate" else everywhere
-        plan.terms.append(
-            MemoryTerm(
-                device,
-                agent.name,
-                f"vLLM KV cache ({max(0, kv_capacity) // kv_per_token} tokens)",
-                max(0, kv_capacity),
-                kv_phases,
-                budget_setting,
-            )
-        )
-        if sleeping and layout == "colocate":
-            plan.terms.append(
-                MemoryTerm(device, agent.name, "vLLM asleep", int(SLEEPING_ENGINE_GB * GB), ("update",), "-")
-            )
-        if max_model_len < context:
-            plan.problems.append(
-                f"vLLM engine of `{agent.name}`: max_model_len {max_model_len} is shorter than the longest Idea3 row "
-                f"(~{context} tokens: prompt with the peers' texts + completion); vLLM rejects longer requests. Raise "
-                "`vllm_max_model_length`, or lower `peer_max_tokens` / `max_completion_length`."
-            )
-        needed = max_model_len * kv_per_token
-        if kv_capacity < needed:
-            lowest = max(0.01, (weights + runtime + needed) / gpu_memory * (num_agents if layout == "colocate" else 1))
-            plan.problems.append(
-                f"vLLM engine of `{agent.name}`: {budget / GB:.1f} GB leave {max(0, kv_capacity) / GB:.1f} GB of KV cache "
-                f"after {weights / GB:.1f} GB of weights, less than one sequence of max_model_len {max_model_len} needs "
-                f"({needed / GB:.1f} GB; vLLM refuses to start). Raise `vllm_gpu_memory_utilization` to >= {lowest:.2f}"
-                f" or lower `vllm_max_model_length` (the longest Idea3 row is ~{context} tokens)."
-            )
-        else:
-            batch_tokens = max(
-                serving_questions * (prompt + samples * completion) for prompt, completion, samples in stages.values()
-            )
-            if kv_capacity < batch_tokens * kv_per_token:
-                plan.notes.append(
-                    f"`{agent.name}`'s KV cache holds {kv_capacity // kv_per_token} tokens, "
-                    f"{100 * kv_capacity / (batch_tokens * kv_per_token):.0f}% of its largest stage's "
-                    f"{batch_tokens} tokens: vLLM runs that stage in waves."
-                )
-        generation_seconds += _generation_seconds(
-            shape, dtype_bytes, stages, serving_questions, hardware, tp, max(1, kv_capacity // kv_per_token)
-        )
 
-    # --- totals and problems ------------------------------------------------------------------------------------------
-    for device in plan.devices():
-        peak, phase = plan.peak(device)
-        if peak > gpu_memory:
-            largest = plan.largest_term(device, phase)
-            plan.problems.append(
-                f"{device}: {peak / GB:.1f} GB during {phase} exceeds {gpu_memory / GB:.0f} GB; largest term: "
-                f"{largest.name} of `{largest.agent}` ({largest.bytes / GB:.1f} GB): change {largest.setting}"
-                + _layout_hint(layout, sleeping, phase)
-            )
-    generated = questions * num_agents * sum(samples * completion for _, completion, samples in stages.values())
-    trained_tokens = questions * sum(
-        stages[stage][2] * (stages[stage][0] + stages[stage][1]) for stage in trained_stages
-    )
-    recompute = 2 if args.gradient_checkpointing else 0
-    update_flops = sum(
-        (6 + recompute) * shapes[agent.model_name_or_path].num_parameters * trained_tokens * args.num_iterations
-        for agent in agents
-    )
-    update_seconds = update_flops / (train_gpus * hardware.tflops * 1e12 * TRAIN_MFU)
-    plan.estimate = {
-        "questions_per_step": questions,
-        "generated_tokens": generated,
-        "trained_tokens_per_agent": trained_tokens,
-        "generation_seconds": generation_seconds,
-        "update_seconds": update_seconds,
-        "step_seconds": generation_seconds + update_seconds,
-    }
-    return plan
+def _keep_largest_generate_cache(plan: Plan) -> None:
+    """The transformers backend generates agent after agent, freeing each cache: only the largest one is a peak."""
+    caches = [term for term in plan.terms if term.name.startswith("KV cache of generate")]
+    largest = max(caches, key=lambda term: term.bytes)
+    plan.terms = [term for term in plan.terms if term not in caches or term is largest]
 
 
 def _layout_hint(layout: str, sleeping: bool, phase: str) -> str:
