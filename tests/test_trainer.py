@@ -188,8 +188,9 @@ def test_engines_sleep_after_the_discussion_and_wake_for_the_sync(tmp_path, tiny
     events = []
     for backend in trainer.backends:
         for hook in ("generate", "sleep", "update_weights"):
+            original = getattr(backend, hook)
 
-            def record(*args, _original=getattr(backend, hook), _event=f"{backend.name}.{hook}", **kwargs):
+            def record(*args, _original=original, _event=f"{backend.name}.{hook}", **kwargs):
                 events.append(_event)
                 return _original(*args, **kwargs)
 

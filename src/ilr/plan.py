@@ -25,7 +25,7 @@ DTYPE_BYTES = {"float32": 4, "fp32": 4, "float": 4, "bfloat16": 2, "bf16": 2, "f
 TRAINING_RUNTIME_GB = 3.0
 # Per vLLM engine, beside its profiled activations: CUDA graphs and non-torch allocations (NCCL, cuBLAS).
 ENGINE_RUNTIME_GB = 1.0
-# What an engine put to sleep (level 1: weights to host memory, KV cache freed) still holds on the GPU.
+# What an engine put to sleep (weights offloaded or discarded, KV cache freed) still holds on the GPU.
 SLEEPING_ENGINE_GB = 0.5
 # Tokens of a prompt beside the texts it quotes: chat template, system header, Idea3 instructions (the longest
 # template in `ilr/prompts` is ~820 characters, ~200 tokens).
@@ -519,12 +519,15 @@ def _questions_per_step(training_args: Any, num_processes: int, explicit_generat
     return batch // training_args.num_generations
 
 
-def stage_lengths(training_args: Any, num_agents: int, question_tokens: int) -> dict[str, tuple[int, int, int]]:
+def stage_lengths(
+    training_args: Any, num_agents: int, question_tokens: int, samples: int | None = None
+) -> dict[str, tuple[int, int, int]]:
     """
     `(prompt tokens, completion tokens, samples per question)` of each Idea3 stage, at their limits.
 
     The share prompt is the question; the analyse prompt adds every agent's shared idea, the fuse prompt the ideas and
-    the analyses, each cut to `peer_max_tokens` (and never longer than the completion that produced it).
+    the analyses, each cut to `peer_max_tokens` (and never longer than the completion that produced it). The GRPO
+    baseline has the share stage only, with `samples` completions per question when given (compute-matched).
     """
     args = training_args
     completion = args.max_completion_length
@@ -533,7 +536,7 @@ def stage_lengths(training_args: Any, num_agents: int, question_tokens: int) -> 
     critique = min(args.peer_max_tokens, analysis)
     share_prompt = question_tokens + TEMPLATE_TOKENS
     if args.method == "grpo":
-        return {"share": (share_prompt, completion, args.num_generations)}
+        return {"share": (share_prompt, completion, samples or args.num_generations)}
     fuse_samples = args.num_generations if "fuse" in args.train_stages else 1
     return {
         "share": (share_prompt, completion, args.num_generations),
@@ -588,7 +591,12 @@ def build_plan(
     if distribution.kind == "fsdp" and args.method == "ilr":
         plan.problems.append("The ILR trainer refuses FSDP: use recipes/accelerate_configs/zero3.yaml for sharding.")
     questions = _questions_per_step(args, train_gpus, explicit_generation_batch)
-    stages = stage_lengths(args, len(agents), question_tokens)
+    samples = None
+    if args.method == "grpo" and args.compute_matched:
+        from ilr.train import matched_generations
+
+        samples, _ = matched_generations(args, questions, train_gpus)
+    stages = stage_lengths(args, len(agents), question_tokens, samples)
     trained = {stage: stages[stage] for stage in (["share"] if args.method == "grpo" else args.train_stages)}
     plan.settings = {
         "questions_per_step": questions,
@@ -1059,6 +1067,6 @@ def plan_command(argv: Sequence[str]) -> int:
 
 
 def _config_path(args: Sequence[str]) -> str | None:
-    from ilr.train import _config_path as config_path
+    from ilr.train import _config_path as config_path  # ilr.train imports nothing heavy at module level
 
     return config_path(args)
