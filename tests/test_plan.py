@@ -139,7 +139,7 @@ def test_lora_parameters_count_the_adapters():
 # ---------------------------------------------------------------------------------------------------------------------
 STEP_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
     from ilr.grpo import per_token_logps
@@ -158,10 +158,17 @@ STEP_SCRIPT = textwrap.dedent(
         (-logps.mean()).backward()
         optimizer.step()
 
+    def status_kib(field):
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
     step(LlamaConfig(**{**settings, "hidden_size": 32, "intermediate_size": 64, "vocab_size": 256}))  # warm-up
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Reset the peak RSS to the current RSS (Linux `clear_refs` 5), so imports and the warm-up do not count.
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    before = status_kib("VmRSS")
     step(LlamaConfig(**settings))
-    print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024))
+    print(json.dumps((status_kib("VmHWM") - before) * 1024))
     """
 )
 
