@@ -200,62 +200,14 @@ def peak_bf16_flops(device_name: str, override_tflops: float | None) -> tuple[fl
 # ---------------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------------
-def toy_rows(count: int) -> list[dict[str, Any]]:
-    return [
-        {"id": str(i), "problem": f"What is {i} + {2 * i + 1}? Explain each step.", "answer": str(3 * i + 1),
-         "task": "math", "source": "gpu_check"}
-        for i in range(count)
-    ]  # fmt: skip
+def training_config(args: argparse.Namespace, *, bf16: bool, generation_kwargs: dict[str, Any]) -> Any:
+    """The run's ILR settings: Idea3 in `cooperate` mode, every stage trained, the transformers backend."""
+    from ilr.configs import ILRConfig
 
-
-def digits_reward(completions: list, **kwargs: Any) -> list[float]:
-    return [sum(char.isdigit() for char in text) / max(1, len(text)) for text in completions]
-
-
-def trained_tokens(transcript: Any, stages: Sequence[str]) -> dict[str, int]:
-    """Non-padding tokens the update's forward/backward passes process, over all agents and trained stages."""
-    prompt = completion = 0
-    for stage in stages:
-        for groups in transcript.groups[stage]:
-            for group in groups:
-                prompt += len(group.prompt_ids) * group.num_samples
-                completion += sum(len(ids) for ids in group.completion_ids)
-    return {"prompt": prompt, "completion": completion}
-
-
-def run(args: argparse.Namespace, plan: dict[str, Any], output_path: Path) -> dict[str, Any]:
-    import torch
-    from datasets import Dataset
-
-    from ilr.configs import AgentConfig, ILRConfig
-    from ilr.trainer import ILRTrainer
-
-    cuda = args.device.startswith("cuda")
-    bf16 = cuda or not args.tiny  # bf16 wherever it is fast; the CPU smoke run stays in fp32
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    max_length = plan["max_position_embeddings"]
-    tokenizer = build_tokenizer(max_length)
-    config = model_config(args, tokenizer, max_length)
-    started = time.perf_counter()
-    models = [
-        build_model(
-            config,
-            tokenizer,
-            dtype=dtype,
-            device=args.device,
-            seed=args.seed + i,
-            attn_implementation=args.attn_implementation,
-        )
-        for i in range(args.agents)
-    ]
-    tokenizers = [build_tokenizer(max_length) for _ in range(args.agents)]
-    generation_kwargs: dict[str, Any] = {"min_new_tokens": args.max_completion_length}
-    if config.vocab_size > len(tokenizer):
-        generation_kwargs["suppress_tokens"] = list(range(len(tokenizer), config.vocab_size))
     batch = args.questions * args.num_generations
-    training_args = ILRConfig(
+    return ILRConfig(
         output_dir=args.output_dir,
-        use_cpu=not cuda,
+        use_cpu=not args.device.startswith("cuda"),
         bf16=bf16,
         report_to="none",
         disable_tqdm=True,
@@ -284,9 +236,100 @@ def run(args: argparse.Namespace, plan: dict[str, Any], output_path: Path) -> di
         calibration=True,
         generation_backend="transformers",
     )
-    agents = [
-        AgentConfig(model_name_or_path=f"random-init/agent{i + 1}", name=f"agent{i + 1}") for i in range(args.agents)
+
+
+def agent_configs(args: argparse.Namespace, bf16: bool) -> list[Any]:
+    from ilr.configs import AgentConfig
+
+    dtype = "bfloat16" if bf16 else "float32"
+    return [
+        AgentConfig(model_name_or_path=f"random-init/agent{i + 1}", name=f"agent{i + 1}", dtype=dtype)
+        for i in range(args.agents)
     ]
+
+
+def predicted_memory(args: argparse.Namespace, config: Any, gpu_memory_bytes: int) -> dict[str, Any]:
+    """
+    `ilr plan`'s prediction for this run (one process, AdamW, the transformers backend), without its fixed runtime
+    reserve, which `torch.cuda.max_memory_allocated` does not see either: the first GPU run checks the plan.
+    """
+    from ilr.plan import GB, PHASES, TRAINING_RUNTIME_GB, Distribution, Hardware, ModelShape, build_plan
+
+    bf16 = args.device.startswith("cuda") or not args.tiny
+    agents = agent_configs(args, bf16)
+    shape = ModelShape.from_config(config)
+    plan = build_plan(
+        agents,
+        training_config(args, bf16=bf16, generation_kwargs={}),
+        {agent.model_name_or_path: shape for agent in agents},
+        Distribution(),
+        Hardware(num_gpus=1, gpu_memory_gb=gpu_memory_bytes / GB),
+        question_tokens=32,  # the toy questions are short
+    )
+    phases = {phase: plan.total("training GPU", phase) - int(TRAINING_RUNTIME_GB * GB) for phase in PHASES}
+    peak_phase = max(phases, key=phases.get)
+    return {
+        "peak_gib": phases[peak_phase] / 2**30,
+        "peak_phase": peak_phase,
+        "phases_gib": {phase: value / 2**30 for phase, value in phases.items()},
+        "terms_gib": {f"{t.agent}: {t.name}": t.bytes / 2**30 for t in plan.terms if t.setting != "-"},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def toy_rows(count: int) -> list[dict[str, Any]]:
+    return [
+        {"id": str(i), "problem": f"What is {i} + {2 * i + 1}? Explain each step.", "answer": str(3 * i + 1),
+         "task": "math", "source": "gpu_check"}
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def digits_reward(completions: list, **kwargs: Any) -> list[float]:
+    return [sum(char.isdigit() for char in text) / max(1, len(text)) for text in completions]
+
+
+def trained_tokens(transcript: Any, stages: Sequence[str]) -> dict[str, int]:
+    """Non-padding tokens the update's forward/backward passes process, over all agents and trained stages."""
+    prompt = completion = 0
+    for stage in stages:
+        for groups in transcript.groups[stage]:
+            for group in groups:
+                prompt += len(group.prompt_ids) * group.num_samples
+                completion += sum(len(ids) for ids in group.completion_ids)
+    return {"prompt": prompt, "completion": completion}
+
+
+def run(args: argparse.Namespace, plan: dict[str, Any], output_path: Path) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+
+    from ilr.trainer import ILRTrainer
+
+    cuda = args.device.startswith("cuda")
+    bf16 = cuda or not args.tiny  # bf16 wherever it is fast; the CPU smoke run stays in fp32
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    max_length = plan["max_position_embeddings"]
+    tokenizer = build_tokenizer(max_length)
+    config = model_config(args, tokenizer, max_length)
+    started = time.perf_counter()
+    models = [
+        build_model(
+            config,
+            tokenizer,
+            dtype=dtype,
+            device=args.device,
+            seed=args.seed + i,
+            attn_implementation=args.attn_implementation,
+        )
+        for i in range(args.agents)
+    ]
+    tokenizers = [build_tokenizer(max_length) for _ in range(args.agents)]
+    generation_kwargs: dict[str, Any] = {"min_new_tokens": args.max_completion_length}
+    if config.vocab_size > len(tokenizer):
+        generation_kwargs["suppress_tokens"] = list(range(len(tokenizer), config.vocab_size))
+    training_args = training_config(args, bf16=bf16, generation_kwargs=generation_kwargs)
+    agents = agent_configs(args, bf16)
     trainer = ILRTrainer(
         agents,
         training_args,
@@ -417,12 +460,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "parameters": parameters,
         "stages": list(STAGES),
     }
+    gpu_memory = torch.cuda.get_device_properties(0).total_memory if cuda else 80 * 10**9
+    plan["predicted_memory"] = predicted_memory(args, config, gpu_memory)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     print(
         f"{args.agents} agents x {parameters['total'] / 1e6:.1f}M parameters ({parameters['embedding'] / 1e6:.1f}M "
         f"embedding, tokenizer {len(tokenizer)} ids) on {plan['device_name']}; Q={args.questions} x "
         f"G={args.num_generations}, {args.max_completion_length} new tokens, {args.warmup}+{args.steps} steps."
+    )
+    predicted = plan["predicted_memory"]
+    print(
+        f"ilr plan predicts {predicted['peak_gib']:.2f} GiB allocated at the peak ({predicted['peak_phase']}; "
+        f"{', '.join(f'{phase} {value:.2f}' for phase, value in predicted['phases_gib'].items())})."
     )
     if args.dry_run:
         (output_dir / "gpu_check_plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
@@ -437,11 +487,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     memory = "n/a" if summary["peak_memory_gib"] is None else f"{summary['peak_memory_gib']:.1f} GiB"
     print(
-        "| device | step s | generation / scoring / update s | gen. tokens/step | gen. tokens/s | peak memory | MFU "
-        "(update) | MFU, LM head adjusted | calls ok |\n|---|---|---|---|---|---|---|---|---|\n"
+        "| device | step s | generation / scoring / update s | gen. tokens/step | gen. tokens/s | peak memory | "
+        "ilr plan | MFU (update) | MFU, LM head adjusted | calls ok |\n|---|---|---|---|---|---|---|---|---|---|\n"
         f"| {plan['device_name']} | {summary['step_s']:.2f} | {summary['generation_s']:.2f} / "
         f"{summary['scoring_s']:.3f} / {summary['update_s']:.2f} | {summary['generated_tokens']:.0f} | "
-        f"{summary['generation_tokens_per_s']:.0f} | {memory} | {pct(summary['mfu'])} | "
+        f"{summary['generation_tokens_per_s']:.0f} | {memory} | {predicted['peak_gib']:.1f} GiB | "
+        f"{pct(summary['mfu'])} | "
         f"{pct(summary['mfu_lm_head_adjusted'])} | {summary['calls_ok']} |"
     )
     if not summary["calls_ok"]:

@@ -182,6 +182,35 @@ def test_step_calls_each_backend_once_per_stage_and_trains_only_own_tokens(
     assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
 
 
+def test_engines_sleep_after_the_discussion_and_wake_for_the_sync(tmp_path, tiny_model_a, tiny_model_b, one_thread):
+    # Colocated vLLM engines with sleep mode free their memory for the update (`ilr plan` counts on it); the hook is
+    # a no-op for this backend, so the order of the calls is what is checked.
+    trainer = make_trainer(tmp_path, tiny_model_a, tiny_model_b)
+    events = []
+    for backend in trainer.backends:
+        for hook in ("generate", "sleep", "update_weights"):
+            original = getattr(backend, hook)
+
+            def record(*args, _original=original, _event=f"{backend.name}.{hook}", **kwargs):
+                events.append(_event)
+                return _original(*args, **kwargs)
+
+            setattr(backend, hook, record)
+    update_agent = trainer.update_agent
+
+    def update(*args, **kwargs):
+        events.append("update")
+        return update_agent(*args, **kwargs)
+
+    trainer.update_agent = update
+    trainer.training_step(1)
+    last_generate = max(i for i, event in enumerate(events) if event.endswith(".generate"))
+    sleeps = [i for i, event in enumerate(events) if event.endswith(".sleep")]
+    assert [events[i] for i in sleeps] == ["a.sleep", "b.sleep"]
+    assert last_generate < min(sleeps) and max(sleeps) < events.index("update")
+    assert events[-2:] == ["a.update_weights", "b.update_weights"]
+
+
 def test_unscored_rewards_are_nan_counted_and_get_zero_advantage(tmp_path, tiny_model_a, tiny_model_b, one_thread):
     trainer = make_trainer(
         tmp_path, tiny_model_a, tiny_model_b, {"digits": digits_reward, "partial": some_unscored_reward}, max_steps=1

@@ -114,6 +114,13 @@ def _download(args: list[str]) -> int:
     return 0
 
 
+def _plan(args: list[str]) -> int:
+    """Prints a recipe's memory and throughput plan on GPUs; exits 2 when it does not fit. See `ilr.plan`."""
+    from ilr.plan import plan_command
+
+    return plan_command(args)
+
+
 def _train(args: list[str]) -> int:
     """Trains the agents of a recipe (ILR, or the GRPO baseline); see `ilr.train`."""
     from ilr.train import cli_main
@@ -131,6 +138,7 @@ def _interact(args: list[str]) -> int:
 # Subcommand name -> (handler taking the remaining argv, one-line help).
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "check": (_check, "validate a recipe: ilr check --config recipes/.../config.yaml [--key value ...]"),
+    "plan": (_plan, "will it fit: ilr plan --config R --accelerate_config A --num_gpus 8 --gpu_memory_gb 80"),
     "interact": (_interact, "show one discussion: ilr interact --config pair.yaml --question '...' [--protocol ...]"),
     "evaluate": (_evaluate, "evaluate a model alone: ilr evaluate --model M --benchmarks gsm8k,math500 [...]"),
     "card": (_card, "write (--push: push) an eval card: ilr card results.json [--base base.json] [--config ...]"),
@@ -178,7 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Modules that define a user-error class, and its name. Looked up only once an error is raised: such an error can only
 # come from a module already imported, and importing `ilr.configs` (trl) up front would cost seconds for every command.
-_USER_ERRORS = (("ilr.configs", "RecipeError"), ("ilr.data", "DataError"), ("ilr.evaluate", "EvaluationError"))
+_USER_ERRORS = (
+    ("ilr.configs", "RecipeError"),
+    ("ilr.data", "DataError"),
+    ("ilr.evaluate", "EvaluationError"),
+    ("ilr.plan", "PlanError"),
+)
 
 
 def _user_error_types() -> tuple[type[Exception], ...]:

@@ -588,3 +588,45 @@ def assert_session_ends(session: int, timeout_s: float) -> float:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
     return seconds
+
+
+def paper_model_configs() -> dict[str, object]:
+    """
+    Configs of the paper's three models (Llama-3.1-8B-Instruct, Qwen2.5-7B-Instruct, Qwen2.5-14B-Instruct) with their
+    published sizes, built in code by their Hub ids: `ilr plan` tests and the README's plan table use them offline.
+
+    Returns:
+        `dict[str, PretrainedConfig]`: by Hub id.
+    """
+    from transformers import LlamaConfig, Qwen2Config
+
+    qwen = {"vocab_size": 152064, "max_position_embeddings": 32768, "tie_word_embeddings": False, "dtype": "bfloat16"}
+    return {
+        "meta-llama/Llama-3.1-8B-Instruct": LlamaConfig(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            tie_word_embeddings=False,
+            dtype="bfloat16",
+        ),
+        "Qwen/Qwen2.5-7B-Instruct": Qwen2Config(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            **qwen,
+        ),
+        "Qwen/Qwen2.5-14B-Instruct": Qwen2Config(
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_hidden_layers=48,
+            num_attention_heads=40,
+            num_key_value_heads=8,
+            **qwen,
+        ),
+    }

@@ -129,6 +129,11 @@ def main(
     logger.info("Agents: %s", [f"{agent.name} ({agent.model_name_or_path})" for agent in agents_args.agents])
     logger.info("Training/evaluation parameters %s", training_args)
     set_seed(training_args.seed)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from ilr.plan import warn_if_unfit
+
+        # Before any model is loaded: the plan needs the models' configs only (`ilr plan` prints it in full).
+        warn_if_unfit(agents_args.agents, training_args)
     ###############
     # Checkpoints
     ###############
@@ -258,14 +263,8 @@ def compute_matched_args(training_args: Any) -> Any:
         [`~ilr.configs.ILRConfig`]: A copy with `num_generations` and `generation_batch_size` raised.
     """
     group, length = training_args.num_generations, training_args.max_completion_length
-    analysis_length = training_args.max_analysis_length or length
-    fuse = group if "fuse" in training_args.train_stages else 1  # as `ILRTrainer` samples it
-    budget = (group + fuse) * length + training_args.analysis_samples * analysis_length  # per question and agent
     questions = training_args.generation_batch_size // group
-    micro_batch = training_args.per_device_train_batch_size * training_args.world_size
-    matched = math.ceil(budget / length)
-    while questions * matched % micro_batch:
-        matched += 1
+    matched, budget = matched_generations(training_args, questions, training_args.world_size)
     logger.info(
         "compute_matched: %d completions per question instead of %d (%d tokens at most, ILR: %d).",
         matched,
@@ -280,6 +279,33 @@ def compute_matched_args(training_args: Any) -> Any:
         steps_per_generation=None,
         compute_matched=False,
     )
+
+
+def matched_generations(training_args: Any, questions: int, num_processes: int) -> tuple[int, int]:
+    """
+    Completions per question of a compute-matched baseline ([`compute_matched_args`]), and the ILR agent's token
+    budget per question they match.
+
+    Args:
+        training_args ([`~ilr.configs.ILRConfig`]):
+            The recipe's settings.
+        questions (`int`):
+            Questions per step (all processes).
+        num_processes (`int`):
+            Training processes: the generation batch must split into their micro-batches.
+
+    Returns:
+        `tuple[int, int]`: completions per question, and the budget in tokens.
+    """
+    group, length = training_args.num_generations, training_args.max_completion_length
+    analysis_length = training_args.max_analysis_length or length
+    fuse = group if "fuse" in training_args.train_stages else 1  # as `ILRTrainer` samples it
+    budget = (group + fuse) * length + training_args.analysis_samples * analysis_length  # per question and agent
+    micro_batch = training_args.per_device_train_batch_size * num_processes
+    matched = math.ceil(budget / length)
+    while questions * matched % micro_batch:
+        matched += 1
+    return matched, budget
 
 
 def cli_main(argv: Sequence[str] | None = None) -> int:

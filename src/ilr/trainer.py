@@ -782,13 +782,13 @@ class ILRTrainer:
             self.accelerator.state.select_deepspeed_plugin(self.agents[agent_index].name)
 
     @contextlib.contextmanager
-    def gathered_weights(self) -> Iterator[None]:
+    def gathered_weights(self, agent_indices: Sequence[int] | None = None) -> Iterator[None]:
         """
-        Context manager: every agent's whole weights for the duration of the block, for generation or a weight sync.
+        Context manager: the agents' whole weights for the duration of the block, for generation or a weight sync.
         Under ZeRO-3 each engine's partitioned parameters are gathered (`deepspeed.zero.GatheredParameters`) and its
         parameter-fetching hooks removed, as TRL's `unwrap_model_for_generation` does; otherwise it does nothing.
-        Gathering is collective: every process must enter the block. It holds all agents' full weights at once (not
-        their gradients or optimizer states).
+        Gathering is collective: every process must enter the block. It holds the full weights (not the gradients or
+        optimizer states) of the agents in `agent_indices` (default: all of them) at once: `ilr plan` counts them.
         """
         if not self._is_zero3():
             yield
@@ -796,8 +796,9 @@ class ILRTrainer:
         import deepspeed
         from trl.models.utils import add_hooks, remove_hooks
 
+        indices = range(len(self.models)) if agent_indices is None else agent_indices
         with contextlib.ExitStack() as stack:
-            for model in self.models:
+            for model in (self.models[index] for index in indices):
                 stack.enter_context(deepspeed.zero.GatheredParameters(list(model.parameters())))
                 remove_hooks(model)
                 stack.callback(add_hooks, model)
@@ -934,8 +935,9 @@ class ILRTrainer:
             else:
                 kwargs = {}
             unwrapped = self.accelerator.unwrap_model(model)
-            # A vLLM engine loads the training weights as it starts: whole ones (ZeRO-3).
-            with self.gathered_weights() if args.generation_backend != "transformers" else contextlib.nullcontext():
+            # A vLLM engine loads the training weights as it starts: whole ones (ZeRO-3), one agent's at a time.
+            gather = args.generation_backend != "transformers"
+            with self.gathered_weights([len(backends)]) if gather else contextlib.nullcontext():
                 backend = build_backend(agent, args.generation_backend, model=unwrapped, tokenizer=tokenizer, **kwargs)
             backend.max_retries = args.generation_retries
             backends.append(backend)
@@ -1126,10 +1128,21 @@ class ILRTrainer:
         """
         from ilr.interaction import run_idea3
 
-        with self.gathered_weights():  # the transformers backend generates with the (ZeRO-3: partitioned) models
-            return run_idea3(
+        with self.generation_weights():
+            transcript = run_idea3(
                 questions, self.backends, coop_mask, self.idea3_settings, rng=_seed_sequence(self.args.seed, step, 1)
             )
+        # Colocated vLLM engines with `vllm_enable_sleep_mode` free their memory for the update (a no-op elsewhere).
+        for backend in self.backends:
+            backend.sleep()
+        return transcript
+
+    def generation_weights(self) -> contextlib.AbstractContextManager:
+        """Gathered weights (ZeRO-3) where generation reads the training models (the transformers backend); vLLM
+        engines hold their own copy, so gathering for them would only take memory."""
+        if self.args.generation_backend == "transformers":
+            return self.gathered_weights()
+        return contextlib.nullcontext()
 
     # --- 3. rewards --------------------------------------------------------------------------------------------------
     def score(self, transcript: Transcript) -> StepRewards:
@@ -1472,8 +1485,9 @@ class ILRTrainer:
         """Make every generation backend sample from its agent's updated weights."""
         # The transformers backend generates with the training model itself: nothing to copy, nothing to gather.
         pushing = self.args.generation_backend != "transformers"
-        with self.gathered_weights() if pushing else contextlib.nullcontext():
-            for backend, model in zip(self.backends, self.models):
+        # One agent's weights gathered at a time (ZeRO-3): the peak is the largest agent's, not all of them.
+        for index, (backend, model) in enumerate(zip(self.backends, self.models)):
+            with self.gathered_weights([index]) if pushing else contextlib.nullcontext():
                 backend.update_weights(self.accelerator.unwrap_model(model))
 
     # --- 7. Dynamic Interaction: difficulty and ability --------------------------------------------------------------
@@ -1499,7 +1513,7 @@ class ILRTrainer:
         path = irt_cache_path(cache_dir, key_fields)
         estimate = load_irt(path, key_fields)
         if estimate is None:
-            with self.gathered_weights():  # entered by every process (ZeRO-3 gathers collectively)
+            with self.generation_weights():  # entered by every process (ZeRO-3 gathers collectively)
                 if self.accelerator.is_main_process:
                     estimate = self._irt_prepass(key_fields)
                     save_irt(path, estimate, key_fields)
