@@ -25,6 +25,7 @@ sys.path.insert(0, {tests_dir!r})
 from datasets import Dataset
 from test_trainer import digits_reward, make_args, toy_rows
 from ilr.configs import AgentConfig
+from ilr.train import end_process
 from ilr.trainer import ILRTrainer, StepRewards
 
 output_dir, model_a, model_b = sys.argv[1:4]
@@ -54,7 +55,10 @@ record = {{
 }}
 with open(f"{{output_dir}}/rank{{rank}}.json", "w") as handle:
     json.dump(record, handle)
-trainer.end_training()  # as `ilr train` does; without it, exit could abort (SIGABRT) in gloo's threads
+# As `ilr train` ends: destroy the process group, then leave before interpreter finalisation, where gloo's threads
+# could abort the process (SIGABRT) after all its work is done.
+trainer.end_training()
+end_process(0)
 """
 
 

@@ -123,9 +123,9 @@ def _plan(args: list[str]) -> int:
 
 def _train(args: list[str]) -> int:
     """Trains the agents of a recipe (ILR, or the GRPO baseline); see `ilr.train`."""
-    from ilr.train import cli_main
+    from ilr.train import cli_main, end_process
 
-    return cli_main(args)
+    return end_process(cli_main(args))  # under a distributed launcher, exits here, before interpreter finalisation
 
 
 def _interact(args: list[str]) -> int:
