@@ -262,7 +262,12 @@ def test_the_token_never_appears_in_messages_logs_or_reprs(hub_online, api, run_
     # A proxy that echoes the credentials it was sent, first in a transient error, then in a refusal.
     hub.inject(Fault("POST", r"^/api/repos/create$", 503, message=f"overloaded (Authorization: Bearer {TOKEN})"))
     hub.inject(Fault("POST", r"/commit/", 403, message=f"token {TOKEN} has no write access"))
-    with caplog.at_level(logging.DEBUG), HubPusher(REPO_ID, token=TOKEN, api=api, sleep=RecordingSleep()) as pusher:
+    # Our loggers' level too: an earlier test's run may have set it from its recipe's `log_level`.
+    with (
+        caplog.at_level(logging.DEBUG),
+        caplog.at_level(logging.DEBUG, logger="ilr.hub"),
+        HubPusher(REPO_ID, token=TOKEN, api=api, sleep=RecordingSleep()) as pusher,
+    ):
         pusher.push_folder(write_checkpoint(run_dir, 10), revision=step_revision(10))
         (result,) = pusher.wait()
         # Our own log records (httpcore's debug trace of the echoed headers is the client's, not ours).

@@ -286,8 +286,9 @@ def test_check_validates_a_gpu_recipe_on_this_cpu_machine_with_notes(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Recipe OK: method=ilr, 2 agent(s)" in result.stdout
     assert "note: `bf16: true` will need a GPU with bf16 support; not checked on this machine." in result.stdout
-    if not _vllm_installed():  # the recipe's `generation_backend: vllm`
-        assert "note: `generation_backend: vllm` will need vLLM" in result.stdout
+    if not _vllm_installed():
+        backend = yaml.safe_load(recipe.read_text())["generation_backend"]
+        assert f"note: `generation_backend: {backend}` will need vLLM" in result.stdout
     # The same recipe with a value error still fails, naming the key.
     result = subprocess.run(
         [*_ilr_command(), "check", "--config", str(recipe), "--generation_backend", "transformers", "--top_p", "2"],
