@@ -18,6 +18,8 @@ import pytest
 from ilr.testing import (
     TINY_MODEL_A,
     TINY_MODEL_B,
+    TINY_VLLM_MODEL_A,
+    TINY_VLLM_MODEL_B,
     ProcessInfo,
     TinyModel,
     block_network,
@@ -37,6 +39,8 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # keeps failure output readable
 # The tiny tokenizers train with Rust threads; without this, tests that fork later (process pools) warn and may hang.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# vLLM's CPU engines size their KV cache from this (GiB); unset, each claims most of the machine's memory.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 SEED = 42
 
@@ -199,3 +203,15 @@ def hub_online(hub, monkeypatch):
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(name, "0")
     return hub
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_model_a(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """Tiny model A's tokenizer and tied embeddings with two 32-wide heads, which vLLM's CPU engine accepts."""
+    return build_tiny_model(TINY_VLLM_MODEL_A, tmp_path_factory.mktemp("tiny_vllm_model_a"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_model_b(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """Tiny model B's tokenizer and untied head with two 32-wide heads, which vLLM's CPU engine accepts."""
+    return build_tiny_model(TINY_VLLM_MODEL_B, tmp_path_factory.mktemp("tiny_vllm_model_b"))

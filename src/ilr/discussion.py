@@ -108,7 +108,7 @@ def interact_command(argv: Sequence[str]) -> int:
         raise RecipeError("Give either --question (repeatable) or --dataset, not both and not neither.")
     if options.limit < 1 or options.samples < 1 or options.rounds < 0:
         raise RecipeError("--limit and --samples must be >= 1, and --rounds >= 0.")
-    _, agents_args, training_args = parse_recipe(recipe_args)
+    _, agents_args, training_args = parse_recipe(recipe_args, training=False)
 
     if options.question:
         rows = question_rows(options.question, options.task)

@@ -25,7 +25,7 @@ import os
 import random
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,8 +37,6 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger(__name__)
-
-VLLM_INSTALL_HINT = "pip install -e '.[vllm]'"
 
 Messages = list[dict[str, str]]
 
@@ -627,9 +625,11 @@ def _import_vllm() -> Any:
     try:
         import vllm
     except ImportError as error:
+        from ilr.configs import VLLM_INSTALL_COMMANDS
+
         raise ImportError(
-            f"This generation backend needs vLLM, which is not installed. Install it with `{VLLM_INSTALL_HINT}` "
-            "(CUDA machines only), or use `generation_backend: transformers`."
+            f"This generation backend needs vLLM, which is not installed. Install it with {VLLM_INSTALL_COMMANDS}, "
+            "or use `generation_backend: transformers`."
         ) from error
     return vllm
 
@@ -644,13 +644,18 @@ def vllm_named_weights(model: Any) -> Iterator[list[tuple[str, torch.Tensor]]]:
     `.base_layer` are dropped, adapter weights and `original_module` copies are skipped, and `modules_to_save`
     copies take the original's name. The tensors are the model's own (no copy): use them inside the block.
 
+    Unlike TRL, a tied tensor is listed under each of its names (`model.embed_tokens.weight` and `lm_head.weight`):
+    an engine may keep its own processed copy of the output head (vLLM's CPU build repacks it), which is refreshed
+    only when the head is loaded by name. On an engine whose head shares the embedding's storage, the second load
+    writes the same values again.
+
     Args:
         model (`PreTrainedModel` or `peft.PeftModel`):
             The training model, unwrapped (a `DistributedDataParallel` wrapper is removed here; gather ZeRO-3/FSDP
             shards before calling).
 
     Yields:
-        `list[tuple[str, torch.Tensor]]`: `(name, tensor)` pairs, tied weights once.
+        `list[tuple[str, torch.Tensor]]`: `(name, tensor)` pairs, a tied tensor under each of its names.
     """
     from accelerate.utils import is_peft_model
     from torch.nn.parallel import DistributedDataParallel
@@ -662,7 +667,7 @@ def vllm_named_weights(model: Any) -> Iterator[list[tuple[str, torch.Tensor]]]:
         model.merge_adapter()
     try:
         weights = []
-        for name, param in model.named_parameters():
+        for name, param in model.named_parameters(remove_duplicate=False):
             name = name.replace("_checkpoint_wrapped_module.", "")
             if peft:
                 name = name.removeprefix("base_model.model.").replace(".base_layer", "")
@@ -744,6 +749,10 @@ class VLLMColocateBackend(GenerationBackend):
     """
 
     _TAGS = ("weights", "kv_cache")
+    # vLLM keeps its process groups in module state shared by every engine of the process; the last engine closed
+    # releases them, so that engines built later (another run in the same process) start from a clean state.
+    _open_engines: ClassVar[int] = 0
+    _world_owned: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -797,7 +806,13 @@ class VLLMColocateBackend(GenerationBackend):
             for variable, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
                 os.environ.setdefault(variable, default)
             ensure_master_addr_port()
+        cls = type(self)
+        if not cls._open_engines:
+            import torch
+
+            cls._world_owned = not torch.distributed.is_initialized()  # else vLLM joins the trainer's world
         self.llm = vllm.LLM(**kwargs)
+        cls._open_engines += 1
         if enable_sleep_mode:
             self.sleep()
 
@@ -833,11 +848,26 @@ class VLLMColocateBackend(GenerationBackend):
         return GenerationOutput(prompt_ids=prompt_ids, completions=completions)
 
     def _load_weights(self, model: Any) -> None:
-        # TRL, VLLMGeneration.sync_weights (colocate): one load_weights call per tensor, then reset the prefix cache.
-        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
         with vllm_named_weights(model) as weights:
-            for name, tensor in weights:
-                engine_model.load_weights([(name, tensor)])
+            self.load_named_weights(weights)
+
+    def load_named_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """
+        Load checkpoint-format tensors into the engine and reset its prefix cache (`update_weights` sends them all).
+
+        Args:
+            weights (`Iterable[tuple[str, torch.Tensor]]`):
+                `(name, tensor)` pairs under the model's Hugging Face names, as [`vllm_named_weights`] gives them.
+                Layers left out keep their current weights.
+        """
+        # TRL's colocate sync (`VLLMGeneration.sync_weights`) calls the engine model's `load_weights` once per tensor.
+        # That writes checkpoint-format tensors into parameters the engine may have processed after loading: vLLM's
+        # CPU build repacks its linear layers for its kernels (their `weight_loader` is gone, and the load raises),
+        # and quantised or padded layers differ likewise. The model runner's `reload_weights` puts each layer back
+        # in checkpoint format, loads the tensors through the model's own `load_weights` (the same name mapping as
+        # TRL's), then redoes the processing layer by layer; same names, same tensors, correct on every platform.
+        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+        runner.reload_weights(weights_iterator=iter(weights))
         self.llm.reset_prefix_cache()
 
     def _wake(self, tags: Sequence[str]) -> None:
@@ -883,8 +913,19 @@ class VLLMColocateBackend(GenerationBackend):
         self._wake(self._TAGS)
 
     def close(self) -> None:
-        """Drop the engine; its GPU memory is freed once nothing else refers to it."""
+        """Drop the engine; its memory is freed once nothing else refers to it. The last engine of the process also
+        releases vLLM's process groups (and the torch.distributed world, when vLLM created it)."""
+        if self.llm is None:
+            return
         self.llm = None
+        cls = type(self)
+        cls._open_engines -= 1
+        if not cls._open_engines:
+            from vllm.distributed import parallel_state
+
+            parallel_state.destroy_model_parallel()
+            if cls._world_owned:
+                parallel_state.destroy_distributed_environment()
         _empty_cache()
 
 

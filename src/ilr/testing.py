@@ -27,7 +27,7 @@ import random
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -168,6 +168,18 @@ TINY_MODEL_B = TinyModelSpec(
     specials_first=False,
     corpus_seed=1,
     seed=1,
+)
+
+# vLLM's CPU attention refuses head sizes below 32 (A and B have 16 and 12): the same tokenizers and tying with two
+# 32-wide heads, for tests that run a real vLLM engine.
+TINY_VLLM_MODEL_A = replace(TINY_MODEL_A, name="tiny_vllm_model_a", num_attention_heads=2, num_key_value_heads=1)
+TINY_VLLM_MODEL_B = replace(
+    TINY_MODEL_B,
+    name="tiny_vllm_model_b",
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=2,
+    num_key_value_heads=1,
 )
 
 _CHAT_STYLES = {

