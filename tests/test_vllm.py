@@ -126,11 +126,13 @@ def test_weight_sync_makes_the_engine_sample_from_the_trained_model(
     # The engine still holds other weights (the checkpoint's, or another case's training).
     assert max_logprob_gap(backend, model) > STALE_FACTOR * tolerance
 
-    # A partial sync: for full fine-tuning the output head left out (for a tied model, its second name, which is the
-    # one that refreshes the engine's head); with LoRA the attention value projections, where adapters were merged.
-    left_out = "lm_head." if not peft else "self_attn.v_proj."
+    # A partial sync, whole engine layers left out: for full fine-tuning the output head (for a tied model, its second
+    # name, which is the one that refreshes the engine's head); with LoRA the fused qkv projections, into which the q
+    # and v adapters were merged. (Leaving out part of a fused layer, e.g. v alone, leaves the engine's v rows
+    # uninitialised: vLLM reloads whole layers, and the sync always sends every tensor.)
+    left_out = ("lm_head.",) if not peft else ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")
     with vllm_named_weights(model) as weights:
-        kept = [(name, tensor) for name, tensor in weights if left_out not in name]
+        kept = [(name, tensor) for name, tensor in weights if not any(part in name for part in left_out)]
         assert len(kept) < len(weights)
         backend.load_named_weights(kept)
     partial_gap = max_logprob_gap(backend, model)
