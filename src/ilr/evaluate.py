@@ -645,7 +645,7 @@ def _resolve_agents(config: EvalConfig, *, download: bool = True) -> tuple[list[
 
     from ilr.configs import parse_recipe
 
-    agents = list(parse_recipe(["--config", config.config])[1].agents)
+    agents = list(parse_recipe(["--config", config.config], training=False)[1].agents)
     if config.protocol != "single" and len(agents) < 2:
         raise EvaluationError(f"`--protocol {config.protocol}` needs a recipe with two or more agents.")
     infos = []
@@ -708,7 +708,7 @@ def _protocol_runner(
     if config.config is not None:
         from ilr.configs import parse_recipe
 
-        recipe = parse_recipe(["--config", config.config])[2]
+        recipe = parse_recipe(["--config", config.config], training=False)[2]
     settings = _idea3_settings(config, recipe)
     if config.protocol == "single":
         return lambda rows, backends, rng: interaction.run_single(rows, backends, settings, rng=rng)

@@ -998,12 +998,20 @@ class VLLMServerBackend(GenerationBackend):
 
         super().__init__(agent.name, tokenizer, _agent_eos_token_ids(agent, tokenizer, model))
         self.agent = agent
-        self.client = vllm_client.VLLMClient(
-            host=agent.vllm_server_host,
-            server_port=agent.vllm_server_port,
-            group_port=agent.vllm_group_port,
-            connection_timeout=connection_timeout,
-        )
+        try:
+            self.client = vllm_client.VLLMClient(
+                host=agent.vllm_server_host,
+                server_port=agent.vllm_server_port,
+                group_port=agent.vllm_group_port,
+                connection_timeout=connection_timeout,
+            )
+        except OSError as error:  # requests' ConnectionError after `connection_timeout`
+            raise ConnectionError(
+                f"Agent `{agent.name}`: no vLLM server answered at {agent.vllm_server_host}:{agent.vllm_server_port} "
+                f"within {connection_timeout:g} s. Start the agent's server first (`trl vllm-serve --model "
+                f"{agent.model_name_or_path} --port {agent.vllm_server_port}`), or check `vllm_server_host` and "
+                "`vllm_server_port`."
+            ) from error
         self._communicator_ready = False
         self._key = f"{agent.name}@{id(self)}"
         type(self)._live[self._key] = (agent, weakref.ref(self))
