@@ -112,8 +112,7 @@ def train_a_copy(path: str, dtype: str, peft: bool, steps: int = 3):
     return model
 
 
-# bf16 needs two more engines (~40 s on 2 cores): `make test-slow` runs it.
-@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
 def test_weight_sync_makes_the_engine_sample_from_the_trained_model(
