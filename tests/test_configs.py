@@ -140,15 +140,13 @@ def test_broken_recipes_fail_early_with_a_named_key(tmp_path, overrides, expecte
     assert time.perf_counter() - start < 5
 
 
-def test_vllm_backend_without_vllm_names_the_install_command(tmp_path):
-    pytest.importorskip("trl")
-    try:
-        import vllm  # noqa: F401
+def test_vllm_backend_without_vllm_names_the_install_command(tmp_path, monkeypatch):
+    import importlib.util
 
-        pytest.skip("vllm is installed")
-    except ImportError:
-        pass
-    with pytest.raises(RecipeError, match=r"pip install -e '\.\[vllm\]'"):
+    # `make test` installs vLLM's CPU build here: hide it, as on a machine without it.
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    with pytest.raises(RecipeError, match=r"pip install -e '\.\[vllm\]'.*`make install` \(CPU"):
         parse(tmp_path, base_recipe(generation_backend="vllm"))
 
 
@@ -226,7 +224,7 @@ def test_cli_check_reports_user_errors_in_one_line(tmp_path):
 def test_vllm_server_agents_need_distinct_ports(tmp_path, monkeypatch):
     import importlib.util
 
-    # vLLM cannot be installed on this CPU machine: pretend it is, so the port check itself is reached.
+    # Without vLLM (`make install EXTRAS=dev`), pretend it is installed, so the port check itself is reached.
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else find_spec(name, *a)
@@ -238,7 +236,9 @@ def test_vllm_server_agents_need_distinct_ports(tmp_path, monkeypatch):
     with pytest.raises(RecipeError, match=r"Port 8001 .*`vllm_server_port` of agent `b`"):
         parse(tmp_path, base_recipe(agents=agents, generation_backend="vllm_server"))
     agents[1]["vllm_server_port"] = 8002
-    _, _, training_args = parse(tmp_path, base_recipe(agents=agents, generation_backend="vllm_server"))
+    # Generation-only: training against servers also needs NCCL (CUDA), tested in test_vllm_server.py.
+    recipe = write(tmp_path, base_recipe(agents=agents, generation_backend="vllm_server"))
+    _, _, training_args = parse_recipe(["--config", recipe], training=False)
     assert (training_args.use_vllm, training_args.vllm_mode) == (True, "server")
 
 

@@ -254,5 +254,8 @@ def test_ilr_trains_on_colocated_engines_and_resumes_exactly(
 def test_sleep_mode_is_refused_on_cpu_at_recipe_check(tmp_path, tiny_vllm_model_a, tiny_vllm_model_b, monkeypatch):
     monkeypatch.setitem(REWARD_FUNCS, "digits", digits_reward)
     recipe = _vllm_recipe(tmp_path, tiny_vllm_model_a.path, tiny_vllm_model_b.path)
-    with pytest.raises(RecipeError, match="vllm_enable_sleep_mode: false"):
+    with pytest.raises(RecipeError, match="vllm_enable_sleep_mode: false"):  # `ilr train`
         parse_recipe(["--config", str(recipe), "--vllm_enable_sleep_mode", "true"])
+    notes = []  # `ilr check` validates for the machine the recipe is meant for: a note, printed
+    parse_recipe(["--config", str(recipe), "--vllm_enable_sleep_mode", "true"], hardware_notes=notes)
+    assert len(notes) == 1 and "vllm_enable_sleep_mode: false" in notes[0]

@@ -190,7 +190,10 @@ def test_training_against_servers_is_refused_on_cpu_before_any_model_loads(tmp_p
             }
         )
     )
-    with pytest.raises(RecipeError, match="NCCL"):
+    with pytest.raises(RecipeError, match="NCCL"):  # `ilr train`
         parse_recipe(["--config", str(recipe)])
+    notes = []  # `ilr check`: noted for the machine the recipe is meant for
+    parse_recipe(["--config", str(recipe)], hardware_notes=notes)
+    assert any("NCCL" in note for note in notes)
     # Generation-only use of the same recipe (`ilr interact`, `ilr evaluate --config`) passes the check.
     parse_recipe(["--config", str(recipe)], training=False)
