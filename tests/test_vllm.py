@@ -24,7 +24,7 @@ from ilr.configs import AgentConfig, RecipeError, parse_recipe
 from ilr.generation import SamplingParams, VLLMColocateBackend, build_backend, vllm_named_weights
 from ilr.models import load_model
 from ilr.rewards import REWARD_FUNCS
-from test_trainer import CPU_RUN, digits_reward
+from test_trainer import _kill_recipe, digits_reward
 
 
 PROMPTS = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Name a prime number."}]]
@@ -153,51 +153,20 @@ def test_weight_sync_makes_the_engine_sample_from_the_trained_model(
 # ILR on vLLM: two agents, each with its own colocated engine, in one process
 # ---------------------------------------------------------------------------------------------------------------------
 def _vllm_recipe(tmp_path, model_a: str, model_b: str) -> Path:
-    data = tmp_path / "toy.jsonl"
-    data.write_text(
-        "".join(json.dumps({"problem": f"What is {i} + {i + 1}?", "answer": str(2 * i + 1)}) + "\n" for i in range(12))
+    """test_trainer's two-agent toy recipe (A full, B LoRA) on colocated engines: every Idea3 stage trained, 2 steps,
+    a checkpoint after each."""
+    path = _kill_recipe(tmp_path, model_a, model_b)
+    recipe = yaml.safe_load(path.read_text())
+    recipe.pop("save_total_limit")
+    recipe.update(
+        train_stages=["share", "analyse", "fuse"],
+        analysis_samples=2,
+        max_steps=2,
+        save_steps=1,
+        generation_backend="vllm",
+        vllm_enforce_eager=True,
+        vllm_max_model_length=1024,  # Idea3's fuse prompts carry the peers' answers
     )
-    recipe = {
-        "agents": [
-            {"model_name_or_path": model_a, "name": "a"},
-            {
-                "model_name_or_path": model_b,
-                "name": "b",
-                "use_peft": True,
-                "lora_r": 4,
-                "lora_alpha": 16,
-                "lora_dropout": 0.0,
-            },
-        ],
-        "dataset_name": "toy",
-        "data_files": [str(data)],
-        "question_column": "problem",
-        "answer_column": "answer",
-        "reward_funcs": ["digits"],
-        "interaction_mode": "ratio:0.5",
-        "train_stages": ["share", "analyse", "fuse"],
-        "analysis_samples": 2,
-        "num_generations": 4,
-        "generation_batch_size": 8,
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 2,
-        "max_completion_length": 8,
-        "max_analysis_length": 4,
-        "peer_max_tokens": 8,
-        "learning_rate": 1e-2,
-        "beta": 0.0,
-        "loss_type": "dapo",
-        "scale_rewards": "group",
-        "max_steps": 2,
-        "save_strategy": "steps",
-        "save_steps": 1,
-        "logging_steps": 1,
-        "generation_backend": "vllm",
-        "vllm_enforce_eager": True,
-        "vllm_max_model_length": 1024,
-        **CPU_RUN,
-    }
-    path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
 

@@ -45,6 +45,17 @@ def start_vllm_server(model: str, port: int, log: Path) -> subprocess.Popen:
     return start_child(command, log, env)
 
 
+def served_agent(model: str, name: str, port: int) -> AgentConfig:
+    """An agent whose server is (or should be) on 127.0.0.1:`port`, with a weight-sync port of its own."""
+    return AgentConfig(
+        model_name_or_path=model,
+        name=name,
+        vllm_server_host="127.0.0.1",
+        vllm_server_port=port,
+        vllm_group_port=free_port(),
+    )
+
+
 @pytest.fixture(scope="module")
 def vllm_server(tiny_vllm_model_a, tmp_path_factory):
     """One server of tiny vLLM model A: `(agent, process)`; the agent names its host and ports."""
@@ -52,14 +63,7 @@ def vllm_server(tiny_vllm_model_a, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     process = start_vllm_server(tiny_vllm_model_a.path, port, log)
     try:
-        agent = AgentConfig(
-            model_name_or_path=tiny_vllm_model_a.path,
-            name="served",
-            vllm_server_host="127.0.0.1",
-            vllm_server_port=port,
-            vllm_group_port=free_port(),
-        )
-        yield agent, process, log
+        yield served_agent(tiny_vllm_model_a.path, "served", port), process, log
     finally:
         stop_child(process)
 
@@ -90,12 +94,7 @@ def test_server_generation_matches_the_served_model(vllm_server, tiny_vllm_model
 
 def test_server_not_up_names_host_and_port_within_the_timeout(tiny_vllm_model_a):
     port = free_port()  # nothing listens there
-    agent = AgentConfig(
-        model_name_or_path=tiny_vllm_model_a.path,
-        vllm_server_host="127.0.0.1",
-        vllm_server_port=port,
-        vllm_group_port=free_port(),
-    )
+    agent = served_agent(tiny_vllm_model_a.path, "unserved", port)
     start = time.monotonic()
     with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}.*3 s"):
         build_backend(agent, "vllm_server", connection_timeout=3.0)
@@ -109,13 +108,7 @@ def test_a_server_killed_mid_run_fails_generation_with_the_agent_named(tiny_vllm
     port = free_port()
     process = start_vllm_server(tiny_vllm_model_a.path, port, tmp_path / "server.log")
     try:
-        agent = AgentConfig(
-            model_name_or_path=tiny_vllm_model_a.path,
-            name="doomed",
-            vllm_server_host="127.0.0.1",
-            vllm_server_port=port,
-            vllm_group_port=free_port(),
-        )
+        agent = served_agent(tiny_vllm_model_a.path, "doomed", port)
         backend = build_backend(agent, "vllm_server", connection_timeout=SERVER_START_TIMEOUT)
         backend.retry_backoff = 0.1
         backend.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=4))
