@@ -228,3 +228,24 @@ def test_sleep_mode_is_refused_on_cpu_at_recipe_check(tmp_path, tiny_vllm_model_
     notes = []  # `ilr check` validates for the machine the recipe is meant for: a note, printed
     parse_recipe(["--config", str(recipe), "--vllm_enable_sleep_mode", "true"], hardware_notes=notes)
     assert len(notes) == 1 and "vllm_enable_sleep_mode: false" in notes[0]
+
+
+SMOLLM2 = Path(__file__).resolve().parents[1] / "outputs" / "models" / "SmolLM2-135M-Instruct"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="run recipes/demo/prepare_smollm2.py (make train) first")
+def test_weight_sync_on_smollm2():
+    # The case the CPU build first got wrong: a real tied-embedding model, synced after an optimizer step.
+    agent = AgentConfig(model_name_or_path=str(SMOLLM2), name="smollm2", dtype="float32")
+    with _distributed_env():
+        backend = build_backend(agent, "vllm", max_model_len=512, llm_kwargs={"enforce_eager": True})
+    try:
+        model = train_a_copy(str(SMOLLM2), "float32", peft=False, steps=1)
+        assert max_logprob_gap(backend, model) > STALE_FACTOR * SYNC_TOLERANCE["float32"]
+        backend.update_weights(model)
+        gap = max_logprob_gap(backend, model)
+        print(f"\nsync smollm2 full/tied/float32: max gap {gap:.2e}")
+        assert gap <= SYNC_TOLERANCE["float32"]
+    finally:
+        backend.close()
