@@ -787,7 +787,7 @@ def _refuse_or_note(message: str, notes: list[str] | None = None) -> None:
     notes = _HARDWARE_NOTES.get() if notes is None else notes
     if notes is None:
         raise RecipeError(message)
-    notes.append(f"{message} (Not run on this machine.)")
+    notes.append(f"{message} Meant for another machine? Then fine; not checked on this machine.")
 
 
 def _has_accelerator() -> bool:
