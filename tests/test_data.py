@@ -1,7 +1,6 @@
 import json
 import logging
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -337,10 +336,9 @@ def test_missing_columns_and_files(load, tmp_path):
 def test_offline_hub_load_fails_fast(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     spec = BenchmarkSpec(name="nowhere", hub_id="ilr-tests/no-such-dataset", question_column="q")
-    start = time.perf_counter()
+    # Fast because nothing is attempted: a request would raise the test guard's NetworkAccessBlockedError instead.
     with pytest.raises(ConnectionError, match="data_files") as err:
         load_benchmark(spec)
-    assert time.perf_counter() - start < 2
     assert "HF_HUB_OFFLINE" in str(err.value) and "ilr-tests/no-such-dataset" in str(err.value)
     with pytest.raises(ConnectionError, match="data_files"):
         load_custom_dataset("ilr-tests/no-such-dataset", question_column="q", answer_column="a")
