@@ -78,11 +78,13 @@ def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.grad.detach().clone() for name, param in model.named_parameters() if param.grad is not None}
 
 
-def _assert_gradient_close(gradient: torch.Tensor, trl_gradient: torch.Tensor, name: str) -> None:
+def _assert_gradient_close(
+    gradient: torch.Tensor, trl_gradient: torch.Tensor, name: str, rtol: float = 1e-5, floor: float = 1e-5
+) -> None:
     # rtol 1e-5 elementwise, with an absolute floor at 1e-5 of the tensor's largest entry: TRL's chunked log-softmax
     # sums in another order, so entries near 0 differ by float32 rounding (~1e-7 of the largest, measured).
-    atol = 1e-5 * trl_gradient.abs().max().item()
-    torch.testing.assert_close(gradient, trl_gradient, rtol=1e-5, atol=atol, msg=lambda msg: f"{name}: {msg}")
+    atol = floor * trl_gradient.abs().max().item()
+    torch.testing.assert_close(gradient, trl_gradient, rtol=rtol, atol=atol, msg=lambda msg: f"{name}: {msg}")
     assert gradient.abs().max() > 0, name
 
 
@@ -378,3 +380,193 @@ def test_constants_match_config():
     configs = pytest.importorskip("ilr.configs")
     assert configs.ILR_LOSS_TYPES == LOSS_TYPES
     assert configs.SCALE_REWARDS == SCALE_REWARDS
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A whole accumulation window: ILR's update against TRL's training loop
+# ---------------------------------------------------------------------------------------------------------------------
+# Two questions (the prompts of `_grpo_trainer`'s dataset) x four completions of different lengths, each with its
+# reward. Prompts of one length: TRL pads the whole generation batch and ILR each micro-batch, and left padding would
+# shift the model's positions differently.
+WINDOW_PROMPT_LENGTH = 5
+WINDOW_COMPLETION_LENGTHS = [[6, 2, 4, 1], [3, 5, 6, 2]]
+WINDOW_REWARDS = [[1.0, 0.0, 0.5, 0.0], [0.0, 1.0, 1.0, 0.25]]
+MAX_GRAD_NORM = 0.05
+
+
+def _window_samples(vocab_size: int) -> tuple[list[list[int]], list[list[list[int]]]]:
+    generator = torch.Generator().manual_seed(4)
+    prompt_ids = [
+        torch.randint(10, vocab_size, (WINDOW_PROMPT_LENGTH,), generator=generator).tolist() for _ in range(2)
+    ]
+    completion_ids = [
+        [torch.randint(10, vocab_size, (length,), generator=generator).tolist() for length in lengths]
+        for lengths in WINDOW_COMPLETION_LENGTHS
+    ]
+    return prompt_ids, completion_ids
+
+
+def _record_clipping(accelerator, model: torch.nn.Module) -> list[dict]:
+    """Wraps `accelerator.clip_grad_norm_` to record, at each optimizer step, the gradients before and after clipping
+    and the norm it returns; the clipping itself is the accelerator's own."""
+    records = []
+    clip_grad_norm = accelerator.clip_grad_norm_
+
+    def record(parameters, max_norm, *args, **kwargs):
+        before = _gradients(model)
+        norm = clip_grad_norm(parameters, max_norm, *args, **kwargs)
+        records.append({"before": before, "after": _gradients(model), "norm": float(norm)})
+        return norm
+
+    accelerator.clip_grad_norm_ = record
+    return records
+
+
+def _trl_window_step(model_path: str, tmp_path, prompt_ids, completion_ids, **config) -> tuple:
+    """TRL's own `train()` for `num_iterations` optimizer steps on one generation batch; only `_generate` is replaced,
+    to return the fixed completions (prompt by prompt, in the order the sampler draws them). Rewards, advantages, old
+    log-probs, `num_items_in_batch`, the shuffle into micro-batches, loss, backward, clipping and AdamW are TRL's."""
+    drawn = []
+
+    def fixed_rewards(completions, **kwargs):
+        return [WINDOW_REWARDS[question][k] for question, k in (map(int, text.split("/")) for text in completions)]
+
+    trainer = _grpo_trainer(model_path, tmp_path, reward_func=fixed_rewards, **config)
+    prompts = trainer.train_dataset["prompt"]
+
+    def generate(batch_prompts):
+        counts = [0] * len(prompts)
+        keys = []
+        for prompt in batch_prompts:
+            question = prompts.index(prompt)
+            keys.append((question, counts[question]))
+            counts[question] += 1
+        drawn.extend(keys)
+        return (
+            [prompt_ids[question] for question, _ in keys],
+            [completion_ids[question][k] for question, k in keys],
+            None,
+            [f"{question}/{k}" for question, k in keys],
+            None,
+            {},
+            None,
+            None,
+        )
+
+    trainer._generate = generate
+    records = _record_clipping(trainer.accelerator, trainer.model)
+    trainer.train()
+    assert sorted(drawn) == [(q, k) for q in range(2) for k in range(4)]  # one generation batch, every sample once
+    return trainer, records
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo"])
+def test_update_window_matches_trl_training_step(tiny_model_a, tiny_model_a_info, tmp_path, loss_type, num_iterations):
+    """`ILRTrainer.update_agent` over one accumulation window of four micro-batches (8 samples, 2 per micro-batch),
+    trained `num_iterations` times, against TRL's `GRPOTrainer.train()` on the same samples with the same settings:
+    gradients before and after clipping at every optimizer step, the grad norm, and the weights after the last step.
+    With `num_iterations` 2 the second step trains on TRL's old log-probs (ratios away from 1, clipped)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ilr.configs import AgentConfig, ILRConfig
+    from ilr.trainer import ILRTrainer, TrainingSample
+
+    settings = {
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 4,
+        "num_generations": 4,
+        "num_iterations": num_iterations,
+        "loss_type": loss_type,
+        "beta": 0.0,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": MAX_GRAD_NORM,
+        "temperature": TEMPERATURE,
+        "max_completion_length": MAX_COMPLETION_LENGTH,
+        "epsilon": EPSILON_LOW,
+        "epsilon_high": EPSILON_HIGH,
+    }
+    prompt_ids, completion_ids = _window_samples(tiny_model_a_info.vocab_size)
+    trl_trainer, trl_records = _trl_window_step(
+        tiny_model_a,
+        tmp_path / "trl",
+        prompt_ids,
+        completion_ids,
+        optim="adamw_torch",
+        max_steps=num_iterations,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        **settings,
+    )
+
+    # TRL's micro-batches, in the order it trained on them (it shuffles single samples): ILR gets the same cut.
+    rows = {tuple(ids): (question, k) for question, group in enumerate(completion_ids) for k, ids in enumerate(group)}
+    order = []
+    for batch in trl_trainer._buffered_inputs:
+        for ids, mask in zip(batch["completion_ids"], batch["completion_mask"], strict=True):
+            order.append(rows[tuple(ids[mask.bool()].tolist())])
+    advantages = group_advantages(torch.tensor(WINDOW_REWARDS), "group")
+    trl_advantages = torch.cat([batch["advantages"] for batch in trl_trainer._buffered_inputs])
+    torch.testing.assert_close(torch.stack([advantages[q, k] for q, k in order]), trl_advantages)
+    samples = [
+        TrainingSample(
+            prompt_ids=prompt_ids[q],
+            completion_ids=completion_ids[q][k],
+            advantage=float(advantages[q, k]),
+            truncated=False,
+            stage="share",
+            question=q,
+        )
+        for q, k in order
+    ]
+
+    # The parts of an `ILRTrainer` that `update_agent` reads, built by its own methods (no generation backends).
+    trainer = object.__new__(ILRTrainer)
+    trainer.args = ILRConfig(
+        output_dir=str(tmp_path / "ilr"),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        gradient_checkpointing=False,
+        generation_batch_size=8,
+        **settings,
+    )
+    trainer.agents = [AgentConfig(model_name_or_path=tiny_model_a, name="a")]
+    trainer.accelerator = trainer._build_accelerator()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_a, dtype=torch.float32)
+    model.train()
+    trainer.models = [model]
+    trainer.tokenizers = [AutoTokenizer.from_pretrained(tiny_model_a)]
+    trainer.optimizers = [trainer._build_optimizer(0)]
+    trainer.num_training_steps, trainer.optimizer_steps_per_step = 1, num_iterations
+    trainer.schedulers = [trainer._build_scheduler(trainer.optimizers[0])]
+    records = _record_clipping(trainer.accelerator, model)
+    metrics = trainer.update_agent(0, samples)
+
+    assert len(records) == len(trl_records) == num_iterations
+    for step, (record, trl_record) in enumerate(zip(records, trl_records)):
+        assert record["before"].keys() == trl_record["before"].keys()
+        # After a step the two models' weights differ slightly (below), hence their gradients: by up to 2e-5 of the
+        # tensor's largest entry (measured), against ~4e-7 at the first step.
+        tolerance = {} if step == 0 else {"rtol": 1e-3, "floor": 1e-4}
+        for stage in ("before", "after"):
+            for name, gradient in record[stage].items():
+                label = f"step {step} {name} ({stage} clipping)"
+                _assert_gradient_close(gradient, trl_record[stage][name], label, **tolerance)
+        assert record["norm"] == pytest.approx(trl_record["norm"], rel=1e-5 if step == 0 else 1e-3)
+        assert record["norm"] > MAX_GRAD_NORM  # clipping is active
+    assert metrics["grad_norm"] == pytest.approx(sum(r["norm"] for r in trl_records) / num_iterations, rel=1e-3)
+    if num_iterations > 1:
+        assert metrics["clip_ratio/region_mean"] > 0  # the second pass is off-policy: its ratios leave the clip range
+
+    # AdamW's first update of a weight is lr * g / (|g| + eps): where the clipped gradient is near eps (1e-8), float32
+    # rounding of g shows in the update, by up to 1e-3 of the learning rate (measured); the weights move by ~lr.
+    learning_rate = settings["learning_rate"]
+    initial = dict(AutoModelForCausalLM.from_pretrained(tiny_model_a, dtype=torch.float32).named_parameters())
+    trl_parameters = dict(trl_trainer.model.named_parameters())
+    for name, param in model.named_parameters():
+        update, trl_update = param.detach() - initial[name], trl_parameters[name].detach() - initial[name]
+        assert (update - trl_update).abs().max() <= 5e-3 * learning_rate, name
+        assert trl_update.abs().max() > 0.5 * learning_rate, name
