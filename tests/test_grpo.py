@@ -1,5 +1,6 @@
 """GRPO maths against TRL 1.16: loss values and gradients of `GRPOTrainer._compute_loss`, advantages of
-`GRPOTrainer._generate_and_score_completions`, plus hand-computed cases."""
+`GRPOTrainer._generate_and_score_completions`, `ILRTrainer.update_agent` against `GRPOTrainer.train()` over whole
+accumulation windows, plus hand-computed cases."""
 
 import math
 
@@ -423,7 +424,7 @@ def _record_clipping(accelerator, model: torch.nn.Module) -> list[dict]:
 
 
 def _trl_window_step(model_path: str, tmp_path, prompt_ids, completion_ids, **config) -> tuple:
-    """TRL's own `train()` for `num_iterations` optimizer steps on one generation batch; only `_generate` is replaced,
+    """TRL's own `train()` for `max_steps` optimizer steps on one generation batch; only `_generate` is replaced,
     to return the fixed completions (prompt by prompt, in the order the sampler draws them). Rewards, advantages, old
     log-probs, `num_items_in_batch`, the shuffle into micro-batches, loss, backward, clipping and AdamW are TRL's."""
     drawn = []
@@ -460,13 +461,34 @@ def _trl_window_step(model_path: str, tmp_path, prompt_ids, completion_ids, **co
     return trainer, records
 
 
+# TRL normalises dapo by the generation batch's completion tokens x gradient_accumulation_steps / steps_per_generation
+# (the mean window's tokens); ILR by each window's own tokens, DAPO's token-level mean. They agree when the generation
+# batch is one window (TRL's default), and differ when its windows hold different numbers of tokens.
+DAPO_WINDOWS_DIFFER = pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="TRL's dapo normaliser is the mean window's tokens"
+)
+
+
 @pytest.mark.parametrize("num_iterations", [1, 2])
-@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo"])
-def test_update_window_matches_trl_training_step(tiny_model_a, tiny_model_a_info, tmp_path, loss_type, num_iterations):
-    """`ILRTrainer.update_agent` over one accumulation window of four micro-batches (8 samples, 2 per micro-batch),
-    trained `num_iterations` times, against TRL's `GRPOTrainer.train()` on the same samples with the same settings:
-    gradients before and after clipping at every optimizer step, the grad norm, and the weights after the last step.
-    With `num_iterations` 2 the second step trains on TRL's old log-probs (ratios away from 1, clipped)."""
+@pytest.mark.parametrize(
+    ("loss_type", "num_windows"),
+    [
+        ("dapo", 1),
+        ("bnpo", 1),
+        ("grpo", 1),
+        pytest.param("dapo", 2, marks=DAPO_WINDOWS_DIFFER),
+        ("bnpo", 2),
+        ("grpo", 2),
+    ],
+)
+def test_update_window_matches_trl_training_step(
+    tiny_model_a, tiny_model_a_info, tmp_path, loss_type, num_windows, num_iterations
+):
+    """`ILRTrainer.update_agent` on 8 samples in four micro-batches of 2, in one accumulation window or two, trained
+    `num_iterations` times, against TRL's `GRPOTrainer.train()` on the same samples with the same settings (one
+    generation batch of four micro-batches): gradients before and after clipping at every optimizer step, the grad
+    norm, and the weights after the last step. Every step after the first trains on old log-probs of the weights
+    before the update (TRL's `old_per_token_logps`), with ratios away from 1 and clipped."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ilr.configs import AgentConfig, ILRConfig
@@ -474,7 +496,7 @@ def test_update_window_matches_trl_training_step(tiny_model_a, tiny_model_a_info
 
     settings = {
         "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 4,
+        "gradient_accumulation_steps": 4 // num_windows,
         "num_generations": 4,
         "num_iterations": num_iterations,
         "loss_type": loss_type,
@@ -487,6 +509,7 @@ def test_update_window_matches_trl_training_step(tiny_model_a, tiny_model_a_info
         "epsilon": EPSILON_LOW,
         "epsilon_high": EPSILON_HIGH,
     }
+    num_steps = num_windows * num_iterations  # optimizer steps
     prompt_ids, completion_ids = _window_samples(tiny_model_a_info.vocab_size)
     trl_trainer, trl_records = _trl_window_step(
         tiny_model_a,
@@ -494,7 +517,8 @@ def test_update_window_matches_trl_training_step(tiny_model_a, tiny_model_a_info
         prompt_ids,
         completion_ids,
         optim="adamw_torch",
-        max_steps=num_iterations,
+        steps_per_generation=4,
+        max_steps=num_steps,
         logging_steps=1,
         save_strategy="no",
         disable_tqdm=True,
@@ -540,12 +564,12 @@ def test_update_window_matches_trl_training_step(tiny_model_a, tiny_model_a_info
     trainer.models = [model]
     trainer.tokenizers = [AutoTokenizer.from_pretrained(tiny_model_a)]
     trainer.optimizers = [trainer._build_optimizer(0)]
-    trainer.num_training_steps, trainer.optimizer_steps_per_step = 1, num_iterations
+    trainer.num_training_steps, trainer.optimizer_steps_per_step = 1, num_steps
     trainer.schedulers = [trainer._build_scheduler(trainer.optimizers[0])]
     records = _record_clipping(trainer.accelerator, model)
     metrics = trainer.update_agent(0, samples)
 
-    assert len(records) == len(trl_records) == num_iterations
+    assert len(records) == len(trl_records) == num_steps
     for step, (record, trl_record) in enumerate(zip(records, trl_records)):
         assert record["before"].keys() == trl_record["before"].keys()
         # After a step the two models' weights differ slightly (below), hence their gradients: by up to 2e-5 of the
@@ -557,8 +581,8 @@ def test_update_window_matches_trl_training_step(tiny_model_a, tiny_model_a_info
                 _assert_gradient_close(gradient, trl_record[stage][name], label, **tolerance)
         assert record["norm"] == pytest.approx(trl_record["norm"], rel=1e-5 if step == 0 else 1e-3)
         assert record["norm"] > MAX_GRAD_NORM  # clipping is active
-    assert metrics["grad_norm"] == pytest.approx(sum(r["norm"] for r in trl_records) / num_iterations, rel=1e-3)
-    if num_iterations > 1:
+    assert metrics["grad_norm"] == pytest.approx(sum(r["norm"] for r in trl_records) / num_steps, rel=1e-3)
+    if num_steps > 1:
         assert metrics["clip_ratio/region_mean"] > 0  # the second pass is off-policy: its ratios leave the clip range
 
     # AdamW's first update of a weight is lr * g / (|g| + eps): where the clipped gradient is near eps (1e-8), float32
