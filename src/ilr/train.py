@@ -175,7 +175,7 @@ def main(
         try:
             metrics = trainer.train(resume_from_checkpoint=resume)
         except TrainingInterrupted:
-            trainer.end_training()  # every process stopped at the same step, after the same checkpoint
+            _end_run(trainer)  # every process stopped at the same step, after the same checkpoint
             raise
         logger.info("Last step: reward %.4f", metrics.get("train/reward", float("nan")))
 
@@ -189,9 +189,7 @@ def main(
         # Push each agent to its hub_model_id (checkpoints were queued as they were saved)
         ###############
         failed = trainer.push_final_models(folders, recipe_path)
-        for backend in trainer.backends:
-            backend.close()  # before `end_training`: vLLM engines release process groups of the world it ends
-        trainer.end_training()
+        _end_run(trainer)
         if failed:
             raise HubUnavailableError(
                 f"training finished and the models are saved in {[str(f) for f in folders]}, but {len(failed)} Hub "
@@ -204,6 +202,14 @@ def main(
             for backend in trainer.backends:
                 backend.close()  # vLLM engines hold their KV cache until closed (closing twice is a no-op)
         shutdown_reward_pool()
+
+
+def _end_run(trainer: Any) -> None:
+    """Close the generation backends, then end training: vLLM engines release process groups of the world that
+    `end_training` destroys."""
+    for backend in trainer.backends:
+        backend.close()
+    trainer.end_training()
 
 
 def train_grpo_baseline(
