@@ -7,7 +7,6 @@ DeepSpeed do not work; see docs STACK_NOTES). The first run of the session JIT-c
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from ilr.configs import AgentConfig
+from ilr.testing import free_port
 from ilr.trainer import ILRTrainer
 from test_trainer import TESTS_DIR, digits_reward, make_args, toy_rows
 
@@ -90,17 +90,11 @@ resumed.save_models()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _launch(stage: int, worker: Path, folder: Path, model_a: str, model_b: str) -> dict:
     """`accelerate launch` with the repository's ZeRO config, as a user runs it (one process on this CPU)."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"zero{stage}.yaml"),
-        "--num_processes", "1", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+        "--num_processes", "1", "--mixed_precision", "no", "--main_process_port", str(free_port()),
         str(worker), str(folder), model_a, model_b, LOSS_TYPE[stage],
     ]  # fmt: skip
     env = {key: value for key, value in os.environ.items() if not key.startswith(("RANK", "WORLD_SIZE", "LOCAL_"))}

@@ -1,7 +1,6 @@
 """The ILR loop under DDP: two CPU processes (torchrun, gloo) train the same two agents in lockstep."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 
 from ilr.calibration import calibrate_rewards
 from ilr.grpo import group_advantages
+from ilr.testing import free_port
 from test_trainer import TESTS_DIR
 
 
@@ -62,12 +62,6 @@ end_process(0)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, tiny_model_a, tiny_model_b) -> Path:
     folder = tmp_path_factory.mktemp("ddp")
@@ -76,7 +70,7 @@ def ddp_run(tmp_path_factory, tiny_model_a, tiny_model_b) -> Path:
     output_dir = folder / "out"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), str(worker), str(output_dir), tiny_model_a, tiny_model_b,
+        "--master_port", str(free_port()), str(worker), str(output_dir), tiny_model_a, tiny_model_b,
     ]  # fmt: skip
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=480, env={"OMP_NUM_THREADS": "1", **_env()}
