@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ilr.offline import hub_offline
+
 
 __all__ = [
     "DEFAULT_PUSH_IGNORE_PATTERNS",
@@ -45,8 +47,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_TRUE = ("1", "ON", "YES", "TRUE")
-
 # Training state a checkpoint needs to resume but a Hub model repository does not: the trainer's `OPTIMIZER_NAME`,
 # `SCHEDULER_NAME` and `RNG_STATE_NAME` (a test checks they agree), at the top of the pushed folder or one level down;
 # under DeepSpeed, the engine's own checkpoint (`DEEPSPEED_CHECKPOINT_TAG`: weights + optimizer partitions) and the
@@ -60,22 +60,6 @@ _TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{16,}|(?<=Bearer )\S+")
 
 class HubUnavailableError(ConnectionError):
     """The Hub cannot be reached (offline mode, no network, missing repository). The message names the fix."""
-
-
-def hub_offline() -> bool:
-    """
-    Whether offline mode is on: `HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) set now or when `huggingface_hub` was
-    imported.
-
-    Returns:
-        `bool`: `True` when the Hub must not be contacted.
-    """
-    from huggingface_hub import constants
-
-    from_env = any(
-        os.environ.get(name, "").strip().upper() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-    return bool(constants.HF_HUB_OFFLINE) or from_env
 
 
 def scrub_token(text: str, token: str | None = None) -> str:
