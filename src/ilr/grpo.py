@@ -23,6 +23,10 @@ from collections.abc import Callable
 
 import torch
 
+# The loss types the ILR trainer implements and the reward scalings: one home, the recipe rules.
+from ilr.recipe_rules import ILR_LOSS_TYPES as LOSS_TYPES
+from ilr.recipe_rules import SCALE_REWARDS
+
 
 __all__ = [
     "LOSS_TYPES",
@@ -35,9 +39,6 @@ __all__ = [
     "supports_grouped_logps",
 ]
 
-# The subset of TRL's loss types that the ILR trainer implements (`ilr.configs.ILR_LOSS_TYPES`, kept equal by a test).
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
-SCALE_REWARDS = ("group", "batch", "none")
 # TRL adds this to the std before dividing, so a group whose rewards are all equal gets advantage 0, not NaN.
 ADVANTAGE_STD_EPS = 1e-4
 

@@ -928,13 +928,9 @@ def plan_recipe(
     overrides = ["--generation_backend", "transformers", "--bf16", "false"]
     _, agents_args, training_args = parse_recipe([*recipe_args, *overrides])
     if backend == "vllm_server":
-        from ilr.configs import RecipeError
-        from ilr.generation import check_vllm_server_ports
+        from ilr.recipe_rules import check_vllm_server_ports
 
-        try:
-            check_vllm_server_ports(agents_args.agents)
-        except ValueError as error:
-            raise RecipeError(str(error)) from None
+        check_vllm_server_ports(agents_args.agents)
     training_args.generation_backend = backend
     explicit = "generation_batch_size" in recipe or any("generation_batch_size" in arg for arg in recipe_args)
     shapes = load_shapes(agents_args.agents, configs)
