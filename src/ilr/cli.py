@@ -18,11 +18,11 @@ USER_ERROR_EXIT_CODE = 2
 
 def _check(args: list[str]) -> int:
     """Validates a recipe without loading any model or dataset, and prints the resolved ILR settings and notes."""
-    from ilr.configs import parse_recipe
+    from ilr.recipe_check import check_recipe_args  # the checks of `ilr.configs.parse_recipe`, without importing TRL
 
     # A recipe is checked for the machine it is meant for: what needs hardware missing here is a note, not an error.
     hardware_notes: list[str] = []
-    script_args, agents_args, training_args = parse_recipe(args, hardware_notes=hardware_notes)
+    script_args, agents_args, training_args = check_recipe_args(args, hardware_notes=hardware_notes)
     print(f"Recipe OK: method={training_args.method}, {len(agents_args.agents)} agent(s)")
     for agent in agents_args.agents:
         peft = f", LoRA r={agent.lora_r}" if agent.use_peft else ""
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # Modules that define a user-error class, and its name. Looked up only once an error is raised: such an error can only
 # come from a module already imported, and importing `ilr.configs` (trl) up front would cost seconds for every command.
 _USER_ERRORS = (
-    ("ilr.configs", "RecipeError"),
+    ("ilr.recipe_rules", "RecipeError"),  # also `ilr.configs.RecipeError`
     ("ilr.data", "DataError"),
     ("ilr.evaluate", "EvaluationError"),
     ("ilr.plan", "PlanError"),

@@ -11,7 +11,9 @@ message naming the key and the fix. The checks themselves live in `ilr.recipe_ru
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import enum
 import sys
 import typing
 from collections.abc import Iterable
@@ -405,3 +407,81 @@ def parse_recipe(
         raise RecipeError(f"{error} Fix it in the recipe or on the command line.") from error
     check_recipe(script_args, agents_args, training_args, hardware_notes=hardware_notes, training=training)
     return script_args, agents_args, training_args
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The recipe's flags, for `ilr check` (see `ilr.recipe_fields`)
+# ---------------------------------------------------------------------------------------------------------------------
+def _describe_type(converter: Any) -> Any:
+    """A flag's `type` as plain data: `None`, `"str"`, `"int"`, `"float"`, `"bool"`, `"json_list"`, `("optional",
+    inner)` (TRL's `none`/`null`-accepting wrapper), `("choice", values)`, `("enum", name, values)`, `("call",
+    "dict" | "list")` or `("class", name)` (a config class: a recipe that sets it is checked with TRL)."""
+    if converter is None or converter in (str, int, float):
+        return None if converter is None else converter.__name__
+    if converter is json_list:
+        return "json_list"
+    name = getattr(converter, "__qualname__", "")
+    if name == "string_to_bool":
+        return "bool"
+    if name.startswith("_accept_none."):
+        return ("optional", _describe_type(converter.__closure__[0].cell_contents))
+    if name.startswith("make_choice_type_function."):
+        return ("choice", tuple(converter.__closure__[0].cell_contents.values()))
+    if typing.get_origin(converter) in (dict, list):  # e.g. `dict[str, bool] | None`: called on the text as is
+        return ("call", typing.get_origin(converter).__name__)
+    if isinstance(converter, type) and issubclass(converter, enum.Enum):
+        return ("enum", converter.__name__, tuple(member.value for member in converter))
+    if isinstance(converter, type):  # a config class (e.g. accelerate's `ParallelismConfig`): `ilr check` defers
+        return ("class", f"{converter.__module__}.{converter.__qualname__}")
+    raise TypeError(f"No description for the flag type {converter!r}: extend `ilr.configs._describe_type`.")
+
+
+def _plain(value: Any) -> Any:
+    """A default or choice as a Python literal (enum members by value)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def describe_recipe_flags() -> dict[str, Any]:
+    """
+    The flags of the recipe parsers, as plain data: what `ilr.recipe_fields` holds, so that `ilr check` parses a
+    recipe exactly as [`parse_recipe`] does without importing TRL.
+
+    Returns:
+        `dict[str, Any]`: `recipe` and `agent`, each a tuple of flags (`dest`, option strings, action, `nargs`, `const`,
+        default, choices, type (see `_describe_type`), scalar type, owner: the index of the dataclass the field belongs
+        to); `versions` of TRL and transformers.
+    """
+    import transformers
+    import trl
+
+    described: dict[str, Any] = {"versions": {"trl": trl.__version__, "transformers": transformers.__version__}}
+    for name, types in (("recipe", (ILRScriptArguments, AgentsArguments, ILRConfig)), ("agent", (AgentConfig,))):
+        parser = _RecipeParser(types)
+        owners = {f.name: index for index, cls in enumerate(types) for f in dataclasses.fields(cls) if f.init}
+        flags = []
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            kind = {argparse._StoreAction: "store", argparse._StoreFalseAction: "store_false"}[type(action)]
+            flags.append(
+                (
+                    action.dest,
+                    tuple(action.option_strings),
+                    kind,
+                    action.nargs,
+                    _plain(action.const),
+                    _plain(action.default),
+                    None if action.choices is None else tuple(_plain(list(action.choices))),
+                    _describe_type(action.type),
+                    getattr(parser.scalar_types.get(action.dest), "__name__", None),
+                    owners[action.dest],
+                )
+            )
+        described[name] = tuple(flags)
+    return described
