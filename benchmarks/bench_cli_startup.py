@@ -8,6 +8,8 @@ Each repeat runs, in a fresh process each and one after the other (so that a sha
     baseline   python -c "import yaml"            the interpreter and the one library every command needs
     help       ilr --help
     check      ilr check --config <recipe> --generation_backend transformers
+    check_trl  the same recipe through `ilr.configs.parse_recipe` (TRL's dataclasses: what `ilr check` ran before it
+               parsed recipes without TRL, see `ilr.recipe_check`)
 
 and reports the median wall time of each and its ratio to the baseline. `--profile` adds, for `ilr check`, the
 packages by import time (`python -X importtime`), which is where its time goes.
@@ -37,6 +39,12 @@ def _commands(recipe: Path) -> dict[str, list[str]]:
         "baseline": [sys.executable, "-c", "import yaml"],
         "help": [*ilr, "--help"],
         "check": [*ilr, "check", "--config", str(recipe), "--generation_backend", "transformers"],
+        "check_trl": [
+            sys.executable,
+            "-c",
+            "import sys; from ilr.configs import parse_recipe; parse_recipe(sys.argv[1:], hardware_notes=[])",
+            *("--config", str(recipe), "--generation_backend", "transformers"),
+        ],
     }
 
 
@@ -88,6 +96,8 @@ def main() -> None:
         print(
             f"  {name:<9} median {median:6.2f} s  (min {min(values):.2f}, max {max(values):.2f})  {median / baseline:5.1f}x"
         )
+    check, check_trl = statistics.median(times["check"]), statistics.median(times["check_trl"])
+    print(f"  ilr check is {check_trl / check:.1f}x faster than the same check through TRL's dataclasses")
     if args.profile:
         print("ilr check, import time by package (one run):")
         for package, seconds in import_profile(commands["check"]):

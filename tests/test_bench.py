@@ -99,4 +99,4 @@ def test_cli_startup_profile_attributes_import_time_to_packages():
     assert profile.get("email", 0) > 0  # email.parser and its submodules, summed under their package
     assert not any("." in package for package in profile)
     commands = bench._commands(bench.DEFAULT_RECIPE)
-    assert list(commands) == ["baseline", "help", "check"] and bench.DEFAULT_RECIPE.is_file()
+    assert list(commands) == ["baseline", "help", "check", "check_trl"] and bench.DEFAULT_RECIPE.is_file()
