@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -120,7 +121,7 @@ def _converter(description: Any) -> Callable[[str], Any] | None:
         return member
     if kind == "call":
         return {"dict": dict, "list": list}[rest[0]]
-    return str  # a config class: any value defers to TRL (`_needs_trl`)
+    return str  # a config class: any value set defers to TRL (`_deferred`)
 
 
 class _FlagParser(argparse.ArgumentParser):
@@ -181,20 +182,18 @@ def _parser(name: str, context: str = "recipe") -> _FlagParser:
     return _FlagParser(getattr(recipe_fields, name), context=context)
 
 
-_DEFAULTS: dict[str, dict[str, Any]] = {}
-
-
+@functools.cache
 def _flag_defaults(name: str) -> dict[str, Any]:
     """The defaults of a flag set before any recipe sets them (the first flag of a `dest` wins, as in argparse)."""
-    if name not in _DEFAULTS:
-        defaults: dict[str, Any] = {}
-        for dest, _, _, _, _, default, *_ in getattr(recipe_fields, name):
-            defaults.setdefault(dest, default)
-        _DEFAULTS[name] = defaults
-    return _DEFAULTS[name]
+    defaults: dict[str, Any] = {}
+    for dest, _, _, _, _, default, *_ in getattr(recipe_fields, name):
+        defaults.setdefault(dest, default)
+    return defaults
 
 
 def _deferred(values: dict[str, Any], flags: str, parser: _FlagParser) -> bool:
+    """Whether `values` set a setting that only TRL's classes check exactly (`TRL_CHECKED_KEYS`, config classes,
+    dicts)."""
     defaults = _flag_defaults(flags)
     for dest, value in values.items():
         kind = parser.described.get(dest)
