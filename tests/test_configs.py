@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -134,10 +133,8 @@ def test_agent_name_defaults_to_last_part_of_model_id(tmp_path):
     ],
 )
 def test_broken_recipes_fail_early_with_a_named_key(tmp_path, overrides, expected):
-    start = time.perf_counter()
     with pytest.raises(RecipeError, match=expected):
         parse(tmp_path, base_recipe(**overrides))
-    assert time.perf_counter() - start < 5
 
 
 def test_vllm_backend_without_vllm_names_the_install_command(tmp_path, monkeypatch):
