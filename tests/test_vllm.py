@@ -230,6 +230,99 @@ def test_sleep_mode_is_refused_on_cpu_at_recipe_check(tmp_path, tiny_vllm_model_
     assert len(notes) == 1 and "vllm_enable_sleep_mode: false" in notes[0]
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# `ilr evaluate --backend vllm`
+# ---------------------------------------------------------------------------------------------------------------------
+NUM_QUESTIONS = 6
+
+
+def build_tutor(base: str, folder: Path) -> tuple[str, Path, list[bool]]:
+    """
+    Tiny model `base` taught to answer `What is i + 2i?` with `\\boxed{3i}` for even i and a wrong sum for odd i.
+
+    Returns the model's folder, the questions (a gsm8k-schema file) and whether each answer is right. A random tiny
+    model would answer every question with the same few tokens; this one makes per-problem verdicts checkable.
+    """
+    from transformers import AutoTokenizer
+
+    from ilr.data import build_prompt, load_benchmark
+    from ilr.generation import TransformersBackend
+    from ilr.testing import teach_answers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "arithmetic.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"question": f"What is {i} + {2 * i}?", "answer": f"Add. #### {3 * i}"}) + "\n"
+            for i in range(NUM_QUESTIONS)
+        )
+    )
+    right = [i % 2 == 0 for i in range(NUM_QUESTIONS)]
+    answers = [f"\\boxed{{{3 * i if ok else 3 * i + 1}}}" for i, ok in enumerate(right)]
+    # The prompts exactly as `ilr evaluate` builds and encodes them.
+    rows = load_benchmark("gsm8k", data_files=str(data)).to_list()
+    encoder = TransformersBackend(
+        load_model(AgentConfig(model_name_or_path=base)), AutoTokenizer.from_pretrained(base)
+    )
+    prompt_ids = encoder.encode_prompts([build_prompt(row) for row in rows])
+    path = teach_answers(base, folder / "tutor", prompt_ids, answers)
+    return str(path), data, right
+
+
+@pytest.fixture(scope="module")
+def tutor(tiny_vllm_model_a, tmp_path_factory):
+    return build_tutor(tiny_vllm_model_a.path, tmp_path_factory.mktemp("tutor"))
+
+
+def evaluate_argv(model: str, data: Path, output_dir: Path, backend: str) -> list[str]:
+    return [
+        "evaluate", "--model", model, "--name", "tutor", "--benchmarks", "gsm8k", "--data_files", f"gsm8k={data}",
+        "--dtype", "float32", "--max_new_tokens", "12", "--batch_size", "4", "--n_resamples", "200",
+        "--output_dir", str(output_dir), "--backend", backend,
+    ]  # fmt: skip
+
+
+def read_records(output_dir: Path) -> dict[str, dict]:
+    lines = (output_dir / "details_gsm8k.jsonl").read_text().splitlines()
+    return {record["id"]: record for record in map(json.loads, lines)}
+
+
+def test_evaluate_on_vllm_scores_the_engine_completions_as_transformers_does(tutor, tmp_path):
+    from ilr.cli import main
+    from ilr.evaluate import load_results
+
+    model, data, right = tutor
+    engine = ["--vllm_enforce_eager", "--vllm_max_model_length", "256", "--vllm_gpu_memory_utilization", "0.1"]
+    with _distributed_env():
+        assert main(evaluate_argv(model, data, tmp_path / "vllm", "vllm") + engine) == 0
+    assert main(evaluate_argv(model, data, tmp_path / "hf", "transformers")) == 0
+
+    on_vllm, on_hf = (
+        load_results(tmp_path / "vllm" / "results_tutor.json"),
+        load_results(tmp_path / "hf" / "results_tutor.json"),
+    )
+    assert on_vllm["sampling"]["backend"] == "vllm" and on_hf["sampling"]["backend"] == "transformers"
+    vllm_records, hf_records = read_records(tmp_path / "vllm"), read_records(tmp_path / "hf")
+    assert sorted(vllm_records) == sorted(hf_records) == [str(i) for i in range(NUM_QUESTIONS)]
+    for i, ok in enumerate(right):
+        record = vllm_records[str(i)]
+        # The engine's greedy answer, decoded and scored: the taught text, ended by EOS, right exactly where taught.
+        assert record["completions"] == [f"\\boxed{{{3 * i if ok else 3 * i + 1}}}"], record
+        assert record["finish_reasons"] == ["stop"] and record["correct"] == [ok]
+        same = hf_records[str(i)]
+        assert (same["completions"], same["correct"], same["completion_tokens"]) == (
+            record["completions"],
+            record["correct"],
+            record["completion_tokens"],
+        )
+    for results in (on_vllm, on_hf):
+        entry = results["benchmarks"]["gsm8k"]
+        assert entry["data"]["n_problems"] == NUM_QUESTIONS and entry["n_generated"] == NUM_QUESTIONS
+        assert entry["metrics"]["accuracy"]["estimate"] == pytest.approx(sum(right) / NUM_QUESTIONS)
+    assert on_vllm["tokens"] == on_hf["tokens"]
+    assert on_vllm["environment"]["vllm"]  # the installed version is recorded
+
+
 SMOLLM2 = Path(__file__).resolve().parents[1] / "outputs" / "models" / "SmolLM2-135M-Instruct"
 
 

@@ -190,6 +190,7 @@ _USER_ERRORS = (
     ("ilr.recipe_rules", "RecipeError"),  # also `ilr.configs.RecipeError`
     ("ilr.data", "DataError"),
     ("ilr.evaluate", "EvaluationError"),
+    ("ilr.generation", "GenerationError"),  # an engine that kept failing: the message names the agent and the fix
     ("ilr.plan", "PlanError"),
 )
 

@@ -101,7 +101,7 @@ def interact_command(argv: Sequence[str]) -> int:
 
     from ilr import interaction
     from ilr.configs import RecipeError, parse_recipe
-    from ilr.generation import build_backend
+    from ilr.generation import build_backend, engine_kwargs
 
     options, recipe_args = _parser().parse_known_args(argv)
     if bool(options.question) == bool(options.dataset):
@@ -120,8 +120,13 @@ def interact_command(argv: Sequence[str]) -> int:
     settings = interaction.Idea3Settings.from_config(training_args)
     settings = dataclasses.replace(settings, num_generations=options.samples, analysis_samples=1)
     rng = np.random.default_rng(training_args.seed)
-    backends = [build_backend(agent, training_args.generation_backend) for agent in agents_args.agents]
+    agents = agents_args.agents
+    kwargs = engine_kwargs(training_args, len(agents))
+    backends = []
     try:
+        for agent in agents:
+            backends.append(build_backend(agent, training_args.generation_backend, **kwargs))
+            backends[-1].max_retries = training_args.generation_retries
         if options.protocol == "single":
             transcript = interaction.run_single(rows, backends, settings, rng=rng)
         elif options.protocol == "debate":

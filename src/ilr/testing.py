@@ -368,6 +368,83 @@ def build_tiny_model(spec: TinyModelSpec, output_dir: str | Path) -> TinyModel:
     )
 
 
+def teach_answers(
+    model_dir: str | Path,
+    output_dir: str | Path,
+    prompt_ids: list[list[int]],
+    answers: list[str],
+    *,
+    margin: float = 3.0,
+    max_steps: int = 600,
+    seed: int = 0,
+) -> Path:
+    """
+    Fine-tune a copy of a tiny model until greedy decoding answers each prompt with its given text, then EOS.
+
+    A random tiny model decodes greedily into the same few tokens whatever the prompt; this one gives prompt-dependent,
+    checkable text (e.g. right answers to some questions and wrong ones to others), so that tests can compare engines
+    and scores on real completions. Training stops once every answer token is the argmax of its teacher-forced logits
+    by at least `margin`, so engines whose fp32 kernels differ in rounding still decode exactly these tokens.
+
+    Args:
+        model_dir (`str` or `Path`):
+            A saved tiny model with its tokenizer, e.g. [`build_tiny_model`]'s.
+        output_dir (`str` or `Path`):
+            Where the fine-tuned copy and the tokenizer are saved.
+        prompt_ids (`list[list[int]]`):
+            Each prompt's token ids, chat template applied, as a generation backend encodes it.
+        answers (`list[str]`):
+            The completion text of each prompt (the tokenizer's EOS is appended).
+        margin (`float`, *optional*, defaults to `3.0`):
+            Smallest gap between an answer token's logit and any other token's.
+        max_steps (`int`, *optional*, defaults to `600`):
+            Optimizer steps before giving up.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the training (the global torch RNG state is left untouched).
+
+    Returns:
+        `Path`: `output_dir`.
+
+    Raises:
+        `RuntimeError`: when `max_steps` did not reach the margin.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output_dir = Path(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    targets = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in answers]
+    sequences = [prompt + target for prompt, target in zip(prompt_ids, targets)]
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    answer_mask = torch.zeros_like(input_ids, dtype=torch.bool)  # positions whose next token is an answer token
+    for row, (prompt, ids) in enumerate(zip(prompt_ids, sequences)):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        answer_mask[row, len(prompt) - 1 : len(ids) - 1] = True
+    labels = input_ids[:, 1:][answer_mask[:, :-1]]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(max_steps):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[answer_mask]
+            chosen = logits.gather(1, labels[:, None])[:, 0]
+            others = logits.scatter(1, labels[:, None], float("-inf")).max(dim=1).values
+            if (chosen - others).min() >= margin:
+                break
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        else:
+            raise RuntimeError(f"{max_steps} steps did not teach the answers with a logit margin of {margin}.")
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
 class NetworkAccessBlockedError(RuntimeError):
     """Raised by [`block_network`] when code tries to reach a non-loopback address."""
 

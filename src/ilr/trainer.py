@@ -918,23 +918,12 @@ class ILRTrainer:
         )
 
     def _build_backends(self) -> list[Any]:
-        from ilr.generation import build_backend
+        from ilr.generation import build_backend, engine_kwargs
 
         args = self.args
         backends = []
+        kwargs = engine_kwargs(args, len(self.agents))  # every agent's engine gets a share of the GPU
         for agent, model, tokenizer in zip(self.agents, self.models, self.tokenizers):
-            if args.generation_backend == "transformers":
-                kwargs: dict[str, Any] = {"generation_kwargs": args.generation_kwargs}
-            elif args.generation_backend == "vllm":
-                # Every agent's engine shares the GPU: split the memory budget between them.
-                kwargs = {
-                    "gpu_memory_utilization": args.vllm_gpu_memory_utilization / len(self.agents),
-                    "max_model_len": args.vllm_max_model_length,
-                    "enable_sleep_mode": args.vllm_enable_sleep_mode,
-                    "llm_kwargs": {"enforce_eager": args.vllm_enforce_eager},
-                }
-            else:
-                kwargs = {}
             unwrapped = self.accelerator.unwrap_model(model)
             # A vLLM engine loads the training weights as it starts: whole ones (ZeRO-3), one agent's at a time.
             gather = args.generation_backend != "transformers"

@@ -29,7 +29,7 @@ from ilr.generation.base import (
     SamplingParams,
     agent_eos_token_ids,
 )
-from ilr.generation.factory import build_backend
+from ilr.generation.factory import build_backend, engine_kwargs
 from ilr.generation.transformers_backend import TransformersBackend
 from ilr.generation.vllm_colocate import VLLMColocateBackend
 from ilr.generation.vllm_common import vllm_named_weights
@@ -53,5 +53,6 @@ __all__ = [
     "agent_eos_token_ids",
     "build_backend",
     "check_vllm_server_ports",
+    "engine_kwargs",
     "vllm_named_weights",
 ]

@@ -63,3 +63,29 @@ def build_backend(
     if backend == "vllm":
         return VLLMColocateBackend(agent, tokenizer, model=model, **engine_kwargs)
     return VLLMServerBackend(agent, tokenizer, model=model, **engine_kwargs)
+
+
+def engine_kwargs(args: Any, num_agents: int) -> dict[str, Any]:
+    """
+    The [`build_backend`] keyword arguments a training config asks for, the same for training and for generation-only
+    commands (`ilr interact`).
+
+    Args:
+        args ([`~ilr.configs.ILRConfig`]):
+            The training config: `generation_backend`, `generation_kwargs` and the `vllm_*` settings.
+        num_agents (`int`):
+            Agents whose colocated engines share the GPU: each gets `vllm_gpu_memory_utilization / num_agents`.
+
+    Returns:
+        `dict[str, Any]`: Keyword arguments of the config's backend class.
+    """
+    if args.generation_backend == "transformers":
+        return {"generation_kwargs": args.generation_kwargs}
+    if args.generation_backend == "vllm":
+        return {
+            "gpu_memory_utilization": args.vllm_gpu_memory_utilization / num_agents,
+            "max_model_len": args.vllm_max_model_length,
+            "enable_sleep_mode": args.vllm_enable_sleep_mode,
+            "llm_kwargs": {"enforce_eager": args.vllm_enforce_eager},
+        }
+    return {}
