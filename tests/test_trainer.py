@@ -256,7 +256,7 @@ def test_both_agents_learn_and_flipped_advantages_do_not(tmp_path, tiny_model_a,
     metrics = json.loads((tmp_path / "learn" / "out" / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("calibration/clip_frac", "calibration/adv_delta", "interaction/coop_frac", "ilr/a/loss",
                 "ilr/b/grad_norm", "ilr/a/learning_rate", "ilr/a/fuse/reward", "tokens/per_second",
-                "time/generation", "time/scoring", "time/update"):  # fmt: skip
+                "time/generation", "time/scoring", "time/update", "time/sync"):  # fmt: skip
         assert key in metrics
 
 
