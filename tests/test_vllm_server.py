@@ -86,7 +86,7 @@ def served_recipe(path: Path, agent: AgentConfig, data: Path) -> Path:
         "data_files": [str(data)],
         "reward_funcs": ["accuracy"],
         "generation_backend": "vllm_server",
-        "temperature": 0.0,
+        "temperature": 0.01,  # `ilr interact` samples at the recipe's temperature: this low, the taught answers
         "max_completion_length": 12,
         "use_cpu": True,
         "bf16": False,

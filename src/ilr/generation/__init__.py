@@ -16,7 +16,7 @@ returns completions cut right after the first EOS, and sets `finish_reason` to `
 ends with an EOS. Use [`build_backend`] to get a backend from an agent's settings.
 
 Modules: `base` (the interface), `transformers_backend`, `vllm_colocate`, `vllm_server`, `vllm_common` (what the
-two vLLM backends share) and `factory` (`build_backend`).
+two vLLM backends share) and `factory` (`build_backend`, `engine_kwargs`).
 """
 
 from ilr.generation.base import (

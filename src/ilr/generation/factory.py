@@ -1,4 +1,4 @@
-"""`build_backend`: the one place that maps a `generation_backend` setting to an engine."""
+"""`build_backend`: the one place that maps a `generation_backend` setting to an engine; `engine_kwargs`: its settings."""
 
 from __future__ import annotations
 
