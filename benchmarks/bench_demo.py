@@ -3,7 +3,7 @@
 Each backend runs the same demo (evaluation before, ILR training, evaluation after) in its own process, with the same
 recipe, seeds, `--threads` and `OMP_NUM_THREADS`. Reported per backend: the whole demo's wall time and its phases,
 generated tokens per second and the weight sync of each training step (`metrics.jsonl`: `tokens/per_second`,
-`time/sync`), the vLLM engines' start (vLLM's own "init engine" log lines), and whether the greedy evaluation before
+`time/sync`), the start of each vLLM engine (logged by the backend), and whether the greedy evaluation before
 training gave the same verdict on every question (the two engines on the same weights should agree).
 
     OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \\
@@ -24,8 +24,8 @@ from typing import Any
 
 
 BACKENDS = ("transformers", "vllm")
-# vLLM logs e.g. "init engine (profile, create kv cache, warmup model) took 3.21 seconds" and "Model loading took ...".
-ENGINE_LOG = re.compile(r"(init engine .*?|Model loading) took ([0-9.]+) (?:s|seconds)")
+# Logged by `VLLMColocateBackend` for each engine it starts.
+ENGINE_LOG = re.compile(r"vLLM engine started in ([0-9.]+) s")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -53,19 +53,17 @@ def summarise(backend: str, folder: Path) -> dict[str, Any]:
     results = json.loads((folder / backend / "results.json").read_text())
     steps = [json.loads(line) for line in (folder / backend / "train" / "metrics.jsonl").read_text().splitlines()]
     log = (folder / f"{backend}.log").read_text()
-    engine = [float(seconds) for what, seconds in ENGINE_LOG.findall(log) if what.startswith("init engine")]
-    loading = [float(seconds) for what, seconds in ENGINE_LOG.findall(log) if what == "Model loading"]
+    engine = [float(seconds) for seconds in ENGINE_LOG.findall(log)]
     before = {}
     for path in sorted((folder / backend / "before").glob("details_*.jsonl")):
         for record in map(json.loads, path.read_text().splitlines()):
             before[record["id"]] = record["correct"]
     return {
-        "timings_s": {key: round(value, 1) for key, value in results["timings"].items()},
+        "timings_s": {key: round(value, 1) for key, value in results["timing"].items()},
         "tokens_per_s_per_step": [round(step["tokens/per_second"], 1) for step in steps],
         "sync_s_per_step": [round(step.get("time/sync", 0.0), 3) for step in steps],
         "step_s": [round(step["time/step"], 1) for step in steps],
-        "engine_init_s": engine,
-        "model_loading_s": loading,
+        "engine_start_s": engine,
         "before_verdicts": before,
         "machine": results["machine"],
     }
@@ -88,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"train {row['timings_s']['train_s']:.0f}, after {row['timings_s']['after_s']:.0f}); "
             f"tokens/s per step median {statistics.median(row['tokens_per_s_per_step']):.0f}; "
             f"sync per step median {statistics.median(row['sync_s_per_step']):.2f} s; "
-            f"engine init {row['engine_init_s']} s, model loading {row['model_loading_s']} s"
+            f"engine starts {row['engine_start_s']} s"
         )
     agree = summary["before_verdicts_agree"]
     print(f"greedy verdicts before training: {agree['same']} of {agree['questions']} the same on both engines")

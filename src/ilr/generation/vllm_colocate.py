@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -21,6 +23,9 @@ if TYPE_CHECKING:
     import torch
 
     from ilr.configs import AgentConfig
+
+
+logger = logging.getLogger(__name__)
 
 
 class VLLMColocateBackend(GenerationBackend):
@@ -122,8 +127,11 @@ class VLLMColocateBackend(GenerationBackend):
             import torch
 
             cls._world_owned = not torch.distributed.is_initialized()  # else vLLM joins the trainer's world
+        start = time.perf_counter()
         self.llm = vllm.LLM(**kwargs)
         cls._open_engines += 1
+        self.stats.extra["engine_start_s"] = time.perf_counter() - start
+        logger.info("Agent `%s`: vLLM engine started in %.1f s.", agent.name, self.stats.extra["engine_start_s"])
         if enable_sleep_mode:
             self.sleep()
 
