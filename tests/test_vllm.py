@@ -301,7 +301,10 @@ def test_evaluate_on_vllm_scores_the_engine_completions_as_transformers_does(tut
     model, data, right = tutor
     engine = ["--vllm_enforce_eager", "--vllm_max_model_length", "256", "--vllm_gpu_memory_utilization", "0.1"]
     with _distributed_env():
+        launcher = {name: os.environ.get(name) for name in VLLMColocateBackend._LAUNCHER_ENV}
         assert main(evaluate_argv(model, data, tmp_path / "vllm", "vllm") + engine) == 0
+        # Its engine closed, the process looks as before: a trainer built next (the demo) sees no distributed launch.
+        assert {name: os.environ.get(name) for name in launcher} == launcher
     assert main(evaluate_argv(model, data, tmp_path / "hf", "transformers")) == 0
 
     on_vllm, on_hf = (

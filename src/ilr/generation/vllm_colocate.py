@@ -69,6 +69,10 @@ class VLLMColocateBackend(GenerationBackend):
     # releases them, so that engines built later (another run in the same process) start from a clean state.
     _open_engines: ClassVar[int] = 0
     _world_owned: ClassVar[bool] = False
+    # Launcher variables the first engine set because they were missing; the last engine removes them again, or a
+    # trainer built later in the process (`make demo`: evaluate, then train) would take them for a distributed launch.
+    _env_added: ClassVar[list[str]] = []
+    _LAUNCHER_ENV: ClassVar[tuple[str, ...]] = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
     def __init__(
         self,
@@ -119,6 +123,8 @@ class VLLMColocateBackend(GenerationBackend):
             # The external launcher joins the torch.distributed world of the trainer; alone, it is a world of one.
             from trl.trainer.utils import ensure_master_addr_port
 
+            if not type(self)._open_engines:
+                type(self)._env_added = [name for name in self._LAUNCHER_ENV if name not in os.environ]
             for variable, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
                 os.environ.setdefault(variable, default)
             ensure_master_addr_port()
@@ -245,4 +251,7 @@ class VLLMColocateBackend(GenerationBackend):
             parallel_state.destroy_model_parallel()
             if cls._world_owned:
                 parallel_state.destroy_distributed_environment()
+            for name in cls._env_added:
+                os.environ.pop(name, None)
+            cls._env_added = []
         _empty_cache()
