@@ -302,9 +302,11 @@ def test_evaluate_on_vllm_scores_the_engine_completions_as_transformers_does(tut
     engine = ["--vllm_enforce_eager", "--vllm_max_model_length", "256", "--vllm_gpu_memory_utilization", "0.1"]
     with _distributed_env():
         launcher = {name: os.environ.get(name) for name in VLLMColocateBackend._LAUNCHER_ENV}
+        open_engines = VLLMColocateBackend._open_engines  # the session's shared engines, when their tests ran first
         assert main(evaluate_argv(model, data, tmp_path / "vllm", "vllm") + engine) == 0
-        # Its engine closed, the process looks as before: a trainer built next (the demo) sees no distributed launch.
-        assert {name: os.environ.get(name) for name in launcher} == launcher
+        assert VLLMColocateBackend._open_engines == open_engines  # its engine was closed
+        if not open_engines:  # the last engine closed: a trainer built next (the demo) sees no distributed launch
+            assert {name: os.environ.get(name) for name in launcher} == launcher
     assert main(evaluate_argv(model, data, tmp_path / "hf", "transformers")) == 0
 
     on_vllm, on_hf = (
