@@ -260,7 +260,7 @@ def test_demo_runs_end_to_end_on_the_tiny_models(tmp_path, tiny_model_a, tiny_mo
     # The console: within its budget, the table on stdout, no library chatter; the full log and recipe on disk.
     # Lines as a terminal shows them: a progress bar redraws its line with "\r", so it counts once.
     console = (run.stdout + run.stderr).rstrip("\n").split("\n")
-    assert len(console) <= CONSOLE_LINE_BUDGET, "\n".join(console)
+    assert len(console) <= CONSOLE_LINE_BUDGET, "\n".join(f"{i}: {line!r}" for i, line in enumerate(console))
     assert "| a | accuracy |" in run.stdout and "| b | format (numeric \\boxed{}) |" in run.stdout
     assert run.stderr.startswith("Demo: a, b from ")
     assert "ILR training: 2 models (a, b), 2 steps" in run.stderr and "Done in " in run.stderr
