@@ -24,6 +24,7 @@ are blank, not UTF-8 or not a JSON object are skipped and counted the same way. 
 import ast
 import builtins
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
@@ -849,21 +850,20 @@ def load_custom_dataset(
     Returns:
         `datasets.Dataset` or `datasets.IterableDataset`: Rows with the columns of `CANONICAL_FEATURES`.
     """
-    local = not isinstance(path_or_hub_id, str) or _looks_local(path_or_hub_id)
-    first = path_or_hub_id if isinstance(path_or_hub_id, str) else path_or_hub_id[0]
-    spec = BenchmarkSpec(
-        name=name or (Path(first).name.split(".")[0] if local else first),
-        hub_id=None if local else path_or_hub_id,
-        config=config,
-        split=split,
+    spec = local_benchmark(
+        path_or_hub_id,
+        name=name,
         question_column=question_column,
         answer_column=answer_column,
         answer_format=answer_format,
         id_column=id_column,
     )
+    if isinstance(path_or_hub_id, str) and not _looks_local(path_or_hub_id):  # a Hub dataset: its id, config, split
+        spec = dataclasses.replace(
+            spec, name=name or path_or_hub_id, hub_id=path_or_hub_id, config=config, split=split, data_files=None
+        )
     return load_benchmark(
         spec,
-        data_files=path_or_hub_id if local else None,
         streaming=streaming,
         limit=limit,
         **load_kwargs,

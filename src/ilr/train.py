@@ -451,34 +451,25 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     if "--verbose" in argv:  # the console's switch; the recipe's own is `log_level`
         argv = [arg for arg in argv if arg != "--verbose"] + ["--log_level", "info"]
     # Before the libraries are imported: some speak at import time (DeepSpeed's accelerator probe).
-    console.setup(verbose=_log_level_flag(argv))
+    console.setup(verbose=_flag_value(argv, "--log_level"))  # the recipe's own is applied once it is parsed
 
     from ilr.configs import parse_recipe
     from ilr.trainer import TrainingInterrupted
 
     try:
-        main(*parse_recipe(argv), recipe_path=_config_path(argv))
+        main(*parse_recipe(argv), recipe_path=_flag_value(argv, "--config"))
     except TrainingInterrupted as stop:
         logger.warning("Training %s", stop)
         return 128 + stop.signum
     return 0
 
 
-def _log_level_flag(argv: Sequence[str]) -> str | None:
-    """The value of `--log_level` on the command line (the recipe's is applied once it is parsed)."""
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of `flag` (`--config`, `--log_level`) on a command line, before the recipe is parsed."""
     for index, arg in enumerate(argv):
-        if arg == "--log_level" and index + 1 < len(argv):
+        if arg == flag and index + 1 < len(argv):
             return argv[index + 1]
-        if arg.startswith("--log_level="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _config_path(argv: Sequence[str]) -> str | None:
-    for index, arg in enumerate(argv):
-        if arg == "--config" and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith("--config="):
+        if arg.startswith(f"{flag}="):
             return arg.split("=", 1)[1]
     return None
 
