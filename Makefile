@@ -74,7 +74,7 @@ $(DEMO_MODEL)/model.safetensors: | $(TRAIN_STAMP)
 	$(OFFLINE) $(PY) recipes/demo/prepare_smollm2.py --output_dir $(DEMO_MODEL)
 
 # Said before the default run starts: how long it takes (README, "Training") and how to get a short run.
-DEFAULT_RECIPE_NOTE := The default recipe: 12 ILR steps of two SmolLM2-135M agents, @@DURATION@@. \
+DEFAULT_RECIPE_NOTE := The default recipe: 12 ILR steps of two SmolLM2-135M agents, about 12-17 minutes on 2 idle cores (many times that on a busy machine). \
 	A short run: make train ARGS="--max_steps 2"
 # On CPU, say how many threads each process gets (accelerate otherwise prints a notice that it chose for us).
 CPU_THREADS_ARG := $(if $(findstring cpu.yaml,$(ACCELERATE_CONFIG)),--num_cpu_threads_per_process $(shell nproc))
