@@ -16,6 +16,7 @@ from ilr.difficulty import IRTEstimate, describe_modes
 @pytest.fixture
 def stream():
     """The console's stream; the handlers are removed afterwards, whatever the test did."""
+    console.teardown()  # a console left by an earlier in-process entry point would keep its own stream
     output = io.StringIO()
     yield output
     console.teardown()

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -241,6 +242,20 @@ def _check_outputs(output_dir: Path, agents: list[str], steps: int, questions: i
 CONSOLE_LINE_BUDGET = 40
 
 
+def terminal_lines(text: str) -> list[str]:
+    """The lines a terminal would show: a progress bar redraws its own line (with "\r", or a new line in a pipe), so
+    each bar counts once."""
+    lines: list[str] = []
+    for raw in text.rstrip("\n").split("\n"):
+        line = raw.split("\r")[-1]
+        bar = re.match(r"(.+?):\s+\d+%\|", line)
+        if bar and lines and lines[-1].startswith(bar.group(1) + ":"):
+            lines[-1] = line
+        else:
+            lines.append(line)
+    return lines
+
+
 def test_demo_runs_end_to_end_on_the_tiny_models(tmp_path, tiny_model_a, tiny_model_b):
     recipe = _tiny_recipe(tmp_path, tiny_model_a, tiny_model_b)
     output_dir = tmp_path / "demo"
@@ -258,12 +273,12 @@ def test_demo_runs_end_to_end_on_the_tiny_models(tmp_path, tiny_model_a, tiny_mo
     assert {path.name for path in (output_dir / "after").iterdir()} == {"a", "b"}
 
     # The console: within its budget, the table on stdout, no library chatter; the full log and recipe on disk.
-    # Lines as a terminal shows them: a progress bar redraws its line with "\r", so it counts once.
-    console = (run.stdout + run.stderr).rstrip("\n").split("\n")
+    console = terminal_lines(run.stdout + run.stderr)
     assert len(console) <= CONSOLE_LINE_BUDGET, "\n".join(f"{i}: {line!r}" for i, line in enumerate(console))
     assert "| a | accuracy |" in run.stdout and "| b | format (numeric \\boxed{}) |" in run.stdout
     assert run.stderr.startswith("Demo: a, b from ")
-    assert "ILR training: 2 models (a, b), 2 steps" in run.stderr and "Done in " in run.stderr
+    assert "ILR training: 2 models (a=" in run.stderr and "), 2 steps, data arithmetic" in run.stderr
+    assert "Done in " in run.stderr and "reward_curves.png" in run.stderr
     for noise in ("GenerationConfig", "Setting accelerator to CPU", "clean_up_tokenization_spaces", "INFO"):
         assert noise not in run.stdout + run.stderr
     log = (output_dir / "demo.log").read_text()

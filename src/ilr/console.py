@@ -148,7 +148,7 @@ def _level(verbose: bool | str | int | None) -> int:
     return level
 
 
-def setup(verbose: bool | str | int | None = False, *, stream: TextIO | None = None) -> None:
+def setup(verbose: bool | str | int | None = False, *, stream: TextIO | None = None) -> bool:
     """
     Set up the console (and the buffer that later fills the log file); call it first thing in an entry point.
 
@@ -162,10 +162,14 @@ def setup(verbose: bool | str | int | None = False, *, stream: TextIO | None = N
             `"error"`/`"critical"`: only those.
         stream (`TextIO`, *optional*, defaults to `sys.stderr`):
             Where the console lines go.
+
+    Returns:
+        `bool`: Whether this call set the console up (and so should [`teardown`] it when its entry point ends).
     """
     global _state
     level = _level(verbose)
-    if _state is not None:
+    created = _state is None
+    if not created:
         _state.level = min(_state.level, level)
     else:
         _state = _State(level, stream or sys.stderr)
@@ -175,6 +179,7 @@ def setup(verbose: bool | str | int | None = False, *, stream: TextIO | None = N
             root.setLevel(logging.INFO)  # INFO records reach the log file; the console filters them
     logging.getLogger("ilr").setLevel(min(logging.INFO, _state.level))
     _route_libraries(_state.level)
+    return created
 
 
 def _route_libraries(level: int) -> None:

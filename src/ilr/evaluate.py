@@ -1191,7 +1191,7 @@ def _check_unreadable_lines(config: EvalConfig) -> dict[str, int]:
 
 
 def run_evaluation(
-    config: EvalConfig, *, backends: list[GenerationBackend] | None = None
+    config: EvalConfig, *, backends: list[GenerationBackend] | None = None, announce: str | None = None
 ) -> dict[str, dict[str, Any]]:
     """
     Evaluate, write the details and results files, and return the results of every agent.
@@ -1202,6 +1202,9 @@ def run_evaluation(
         backends (`list[GenerationBackend]`, *optional*):
             Ready generation backends, one per agent in order (tests, or callers that hold models already). When not
             given, models are resolved (downloaded if needed) and backends built with `ilr.generation.build_backend`.
+        announce (`str`, *optional*):
+            A line shown on the console once the models and data are found, before any model is loaded (`ilr
+            evaluate`'s line of what will run).
 
     Returns:
         `dict[str, dict]`: agent name -> its results (the content of `results_<agent>.json`).
@@ -1222,6 +1225,10 @@ def run_evaluation(
     # Then the data (a stream is opened and read up to its first row): data that cannot be used fails before any
     # model is loaded or anything is written.
     rows = {name: _load_rows(name, config) for name in config.benchmarks}
+    if announce:
+        from ilr.console import announce as show
+
+        show(announce)
     if backends is None:
         backends = _build_backends(agents, config)
     elif len(backends) != len(agents):
@@ -1343,12 +1350,15 @@ def evaluate_command(argv: Iterable[str]) -> int:
 
     config = parse_eval_args(list(argv))
     console.setup(verbose=config.verbose)
-    with console.log_file(Path(config.output_dir) / LOG_NAME) as log_path:
-        console.announce(describe_evaluation(config, log_path))
-        all_results = run_evaluation(config)
-        for agent, results in all_results.items():
-            console.result(format_summary(results))
-            console.result(f"  -> {Path(config.output_dir) / f'results_{agent}.json'}")
+    try:
+        with console.log_file(Path(config.output_dir) / LOG_NAME) as log_path:
+            # Said once the models and data are found: a bad flag or an offline Hub stays a one-line error.
+            all_results = run_evaluation(config, announce=describe_evaluation(config, log_path))
+            for agent, results in all_results.items():
+                console.result(format_summary(results))
+                console.result(f"  -> {Path(config.output_dir) / f'results_{agent}.json'}")
+    finally:
+        console.teardown()  # `ilr evaluate` may run in-process (`ilr.cli.main` in tests): leave no handler behind
     return 0
 
 

@@ -115,15 +115,19 @@ def main(
     # Setup logging: a quiet console (what runs, progress, warnings, result), the full log and the recipe on disk
     ###############
     main_process = int(os.environ.get("RANK", "0")) == 0
-    console.setup(verbose=training_args.log_level if main_process else training_args.log_level_replica)
+    created = console.setup(verbose=training_args.log_level if main_process else training_args.log_level_replica)
     output_dir = Path(training_args.output_dir)
-    with console.log_file(output_dir / LOG_NAME, main_process=main_process) as log_path:
-        if main_process:
-            recipe = console.write_recipe(
-                output_dir / RECIPE_NAME, script_args, agents_args, training_args, source=recipe_path
-            )
-            console.announce(describe_training(script_args, agents_args, training_args, log_path, recipe))
-        return _train(script_args, agents_args, training_args, recipe_path, main_process)
+    try:
+        with console.log_file(output_dir / LOG_NAME, main_process=main_process) as log_path:
+            if main_process:
+                recipe = console.write_recipe(
+                    output_dir / RECIPE_NAME, script_args, agents_args, training_args, source=recipe_path
+                )
+                console.announce(describe_training(script_args, agents_args, training_args, log_path, recipe))
+            return _train(script_args, agents_args, training_args, recipe_path, main_process)
+    finally:
+        if created:  # called as a library function (tests, scripts): leave no handler behind
+            console.teardown()
 
 
 # Written to `output_dir` by every run: the full log, and the resolved recipe (credentials removed).
@@ -461,6 +465,8 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as stop:
         logger.warning("Training %s", stop)
         return 128 + stop.signum
+    finally:
+        console.teardown()  # `ilr train` may run in-process (`ilr.cli.main` in tests): leave no handler behind
     return 0
 
 
