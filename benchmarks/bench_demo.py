@@ -1,4 +1,4 @@
-"""The demo (`python -m ilr.demo`) on transformers and on vLLM, one after the other, same prompts, steps and threads.
+"""The demo (`recipes/demo/run_demo.py`) on transformers and on vLLM, one after the other, same prompts, steps and threads.
 
 Each backend runs the same demo (evaluation before, ILR training, evaluation after) in its own process, with the same
 recipe, seeds, `--threads` and `OMP_NUM_THREADS`. Reported per backend: the whole demo's wall time and its phases,
@@ -24,6 +24,7 @@ from typing import Any
 
 
 BACKENDS = ("transformers", "vllm")
+DEMO_SCRIPT = Path(__file__).resolve().parent.parent / "recipes" / "demo" / "run_demo.py"
 # Logged by `VLLMColocateBackend` for each engine it starts.
 ENGINE_LOG = re.compile(r"vLLM engine started in ([0-9.]+) s")
 
@@ -41,7 +42,7 @@ def run_demo(backend: str, args: argparse.Namespace) -> float:
     """Run one demo in its own process; its wall time in seconds (the log goes to `<output_dir>/<backend>.log`)."""
     folder = Path(args.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "ilr.demo", "--threads", str(args.threads), "--generation_backend", backend]
+    command = [sys.executable, str(DEMO_SCRIPT), "--threads", str(args.threads), "--generation_backend", backend]
     command += ["--output_dir", str(folder / backend), *(["--quick"] if args.quick else [])]
     start = time.perf_counter()
     with open(folder / f"{backend}.log", "w") as log:
@@ -52,7 +53,8 @@ def run_demo(backend: str, args: argparse.Namespace) -> float:
 def summarise(backend: str, folder: Path) -> dict[str, Any]:
     results = json.loads((folder / backend / "results.json").read_text())
     steps = [json.loads(line) for line in (folder / backend / "train" / "metrics.jsonl").read_text().splitlines()]
-    log = (folder / f"{backend}.log").read_text()
+    # The console keeps to one line per phase; the INFO records (engine starts among them) are in the demo's log file.
+    log = (folder / backend / "demo.log").read_text()
     engine = [float(seconds) for seconds in ENGINE_LOG.findall(log)]
     before = {}
     for path in sorted((folder / backend / "before").glob("details_*.jsonl")):

@@ -1,27 +1,37 @@
-"""The offline demo (`python -m ilr.demo`): the before/after table, the reward curves, and whole runs."""
+"""The offline demo (`recipes/demo/run_demo.py`): the before/after table, the reward curves, and whole runs."""
 
+import importlib.util
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from ilr.demo import (
-    build_table,
-    choose_threads,
-    compare_outcomes,
-    format_table,
-    is_compliant,
-    main,
-    outcomes_from_details,
-    read_reward_curves,
-    render_reward_curves,
-)
+from ilr.comparison import build_table, compare_outcomes, format_table, is_compliant, outcomes_from_details
+from ilr.curves import read_reward_curves, render_reward_curves
+from ilr.machine import choose_threads
 from test_trainer import CPU_RUN
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+DEMO_SCRIPT = REPO / "recipes" / "demo" / "run_demo.py"
+
+
+def _load_demo_script():
+    spec = importlib.util.spec_from_file_location("run_demo", DEMO_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # the reward pool's forkserver and pickling look modules up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+main = _load_demo_script().main
 DEMO_DATA = REPO / "recipes" / "demo" / "data"
 SMOLLM2 = REPO / "outputs" / "models" / "SmolLM2-135M-Instruct"
 
@@ -133,7 +143,8 @@ def test_reward_curves_from_metrics_jsonl(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("cores", "load", "threads"), [(2, 0.1, 2), (2, 0.6, 2), (2, 1.2, 1), (2, 5.0, 1), (16, 3.2, 13)]
+    ("cores", "load", "threads"),
+    [(2, 0.1, 2), (2, 0.6, 2), (2, 1.2, 1), (2, 5.0, 1), (16, 3.2, 13), (4, float("nan"), 4)],
 )
 def test_threads_use_the_idle_cores(cores, load, threads):
     assert choose_threads(cores, load) == threads
@@ -225,19 +236,56 @@ def _check_outputs(output_dir: Path, agents: list[str], steps: int, questions: i
     return results
 
 
-def test_demo_runs_end_to_end_on_the_tiny_models(tmp_path, tiny_model_a, tiny_model_b, capsys):
+# What `make demo --quick` may print at the default verbosity: the line of what runs, a progress bar per evaluation and
+# for training, one line per phase, the table with its notes, the files. It printed 656 lines when every INFO record,
+# the whole recipe and every generation config reached the console.
+CONSOLE_LINE_BUDGET = 40
+
+
+def terminal_lines(text: str) -> list[str]:
+    """The lines a terminal would show: a progress bar redraws its own line (with "\r", or a new line in a pipe), so
+    each bar counts once."""
+    lines: list[str] = []
+    for raw in text.rstrip("\n").split("\n"):
+        line = raw.split("\r")[-1]
+        bar = re.match(r"(.+?):\s+\d+%\|", line)
+        if bar and lines and lines[-1].startswith(bar.group(1) + ":"):
+            lines[-1] = line
+        else:
+            lines.append(line)
+    return lines
+
+
+def test_demo_runs_end_to_end_on_the_tiny_models(tmp_path, tiny_model_a, tiny_model_b):
     recipe = _tiny_recipe(tmp_path, tiny_model_a, tiny_model_b)
     output_dir = tmp_path / "demo"
-    argv = ["--config", str(recipe), "--output_dir", str(output_dir), "--eval_questions", "6"]
-    argv += ["--max_steps", "2", "--max_new_tokens", "8", "--n_resamples", "500", "--threads", "1"]
-    assert main(argv) == 0
-    results = _check_outputs(output_dir, ["a", "b"], steps=2, questions=6)
+    argv = ["--config", str(recipe), "--output_dir", str(output_dir), "--quick"]
+    argv += ["--max_new_tokens", "8", "--n_resamples", "500", "--threads", "1"]
+    # A fresh process, as `make demo DEMO_ARGS=--quick` runs it: libraries that speak when imported speak here too.
+    run = subprocess.run(
+        [sys.executable, str(DEMO_SCRIPT), *argv], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = _check_outputs(output_dir, ["a", "b"], steps=2, questions=12)
     assert results["training"]["max_steps"] == 2
     # Two different starting models: two evaluations before training, one per agent after.
     assert len(list((output_dir / "before").glob("results_*.json"))) == 2
     assert {path.name for path in (output_dir / "after").iterdir()} == {"a", "b"}
-    printed = capsys.readouterr().out
-    assert "| a | accuracy |" in printed and "| b | format (numeric \\boxed{}) |" in printed
+
+    # The console: within its budget, the table on stdout, no library chatter; the full log and recipe on disk.
+    console = terminal_lines(run.stdout + run.stderr)
+    assert len(console) <= CONSOLE_LINE_BUDGET, "\n".join(f"{i}: {line!r}" for i, line in enumerate(console))
+    assert "| a | accuracy |" in run.stdout and "| b | format (numeric \\boxed{}) |" in run.stdout
+    assert run.stderr.startswith("Demo: a, b from ")
+    assert "ILR training: 2 models (a=" in run.stderr and "), 2 steps, data arithmetic" in run.stderr
+    assert "Done in " in run.stderr and "reward_curves.png" in run.stderr
+    for noise in ("GenerationConfig", "Setting accelerator to CPU", "clean_up_tokenization_spaces", "INFO"):
+        assert noise not in run.stdout + run.stderr
+    log = (output_dir / "demo.log").read_text()
+    assert "Generate config" not in log and "ILR training: 2 models" in log and "| a | accuracy |" in log
+    assert (output_dir / "train" / "train.log").is_file()
+    resolved = yaml.safe_load((output_dir / "train" / "recipe.yaml").read_text())
+    assert resolved["max_steps"] == 2 and [agent["name"] for agent in resolved["agents"]] == ["a", "b"]
 
     # --skip_train re-evaluates the models trained above and rebuilds the table.
     assert main([*argv, "--skip_train"]) == 0

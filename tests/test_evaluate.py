@@ -7,6 +7,7 @@ by rule (and counts what it was asked), so scores are known exactly. The tiny ra
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -177,6 +178,22 @@ def test_single_model_scores_intervals_and_results_schema(tmp_path, arithmetic):
     assert record["gold"] == "9" and record["extracted"] == ["9"] and record["correct"] == [True]
     assert record["prompt"][-1]["content"].startswith("What is 3 + 6?")
     assert "\\boxed{}" in record["prompt"][-1]["content"]
+
+
+def test_a_local_benchmark_is_evaluated_without_entering_the_registry(tmp_path, arithmetic):
+    from ilr.data import BENCHMARKS, local_benchmark
+
+    spec = local_benchmark(arithmetic, name="arith", question_column="question", answer_column="answer")
+    spec = dataclasses.replace(spec, answer_format="gsm8k")
+    config = EvalConfig(model=str(tmp_path), name="fake", benchmarks=[spec], output_dir=str(tmp_path / "out"))
+    assert config.benchmarks == ["arith"] and config.data_files == {"arith": str(arithmetic)}
+    results = run_evaluation(config, backends=[AnswerBackend("fake")])["fake"]
+    entry = results["benchmarks"]["arith"]
+    assert entry["metrics"]["accuracy"]["estimate"] == pytest.approx(0.5)  # odd first operands: 6 of 12
+    assert entry["data"]["data_files"] == str(arithmetic) and entry["data"]["n_problems"] == 12
+    assert "arith" not in BENCHMARKS
+    with pytest.raises(EvaluationError, match="Unknown benchmark 'arith'"):
+        EvalConfig(model=str(tmp_path), benchmarks=["arith"])  # by name alone it is unknown: nothing was registered
 
 
 def test_avg_at_n_and_pass_at_k(tmp_path, arithmetic):

@@ -27,6 +27,7 @@ from ilr.cards import write_card
 from ilr.configs import RecipeError, parse_recipe
 from ilr.data import DEFAULT_MAX_QUESTION_CHARS, DataError, load_benchmark, load_custom_dataset
 from ilr.evaluate import EvaluationError, format_summary, load_results, run_evaluation
+from ilr.machine import available_cores
 from ilr.rewards import accuracy_reward, check_golds, get_reward_funcs, score_math, shutdown_reward_pool
 from test_evaluate import AnswerBackend, config_for, write_arithmetic
 
@@ -766,7 +767,7 @@ def _code_load(n: int) -> tuple[list[str], list[list[str]], list[float]]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox and /proc need Linux")
-@pytest.mark.skipif(rewards._default_workers() < 2, reason="needs at least 2 cores")
+@pytest.mark.skipif(available_cores() < 2, reason="needs at least 2 cores")
 @pytest.mark.parametrize(
     ("n_math", "n_code"),
     [pytest.param(2_000, 64, id="short"), pytest.param(10_000, 1_000, marks=pytest.mark.slow, id="full")],
@@ -781,7 +782,7 @@ def test_scoring_under_load_is_bounded_and_uses_every_core(monkeypatch, n_math, 
         math_s = time.perf_counter() - start
     assert [value for _, value, _ in details] == expected
     math_pids = {pid for _, _, pid in details}
-    assert os.getpid() not in math_pids and len(math_pids) == rewards._default_workers()
+    assert os.getpid() not in math_pids and len(math_pids) == available_cores()
 
     # Record how many sandboxes run at once: the batch must keep one per core busy.
     running, peak_running, lock = [0], [0], threading.Lock()

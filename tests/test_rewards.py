@@ -12,6 +12,7 @@ import math_verify
 import pytest
 
 from ilr import rewards
+from ilr.machine import available_cores
 from ilr.rewards import (
     MATH_SCORING,
     REWARD_FUNCS,
@@ -515,7 +516,7 @@ def test_workers_that_cannot_start_fall_back_inline(monkeypatch, caplog):
     assert {pid for _, _, pid in rewards._run_pool(abs, [1, 2])} != {os.getpid()}
 
 
-@pytest.mark.skipif(rewards._default_workers() < 2, reason="needs at least 2 cores")
+@pytest.mark.skipif(available_cores() < 2, reason="needs at least 2 cores")
 def test_batch_uses_every_core():
     n = 1000
     preds = [f"Step by step... so the answer is \\boxed{{{i if i % 3 else i + 1}}}" for i in range(n)]
@@ -527,7 +528,7 @@ def test_batch_uses_every_core():
     pids = {pid for _, _, pid in details}
     # Every result came from a worker, and all of them took part (os.cpu_count() on an unrestricted machine).
     assert os.getpid() not in pids
-    assert len(pids) == rewards._default_workers()
+    assert len(pids) == available_cores()
     assert elapsed < 30
 
 

@@ -66,6 +66,9 @@ class BenchmarkSpec:
             For a composite benchmark: the registry names whose rows are concatenated, in order.
         notes (`str`, *optional*, defaults to `""`):
             Provenance and caveats.
+        data_files (`str`, `tuple[str, ...]` or `None`, *optional*, defaults to `None`):
+            The local files of a benchmark that lives in files only (`ilr.data.local_benchmark`); read when no
+            `data_files` are passed to `ilr.data.load_benchmark`.
     """
 
     name: str
@@ -87,6 +90,7 @@ class BenchmarkSpec:
     n_expected: int | None = None
     sources: tuple[str, ...] = field(default=())
     notes: str = ""
+    data_files: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.task not in ("math", "code"):

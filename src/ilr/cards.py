@@ -25,6 +25,7 @@ __all__ = [
     "DEVIATIONS_HEADING",
     "build_card",
     "build_training_card",
+    "is_credential_key",
     "paper_deviations",
     "redact_recipe",
     "render_chart",
@@ -296,6 +297,21 @@ _SECRET_KEY = re.compile(
     re.IGNORECASE,
 )
 _TOKENIZER_KEY = re.compile(r"^\s*(?:-\s+)?[\"']?(?:pad|eos|bos|unk|sep|cls|mask)_token[\"']?\s*:", re.IGNORECASE)
+
+
+def is_credential_key(key: str) -> bool:
+    """
+    Whether a recipe key holds a credential (`hub_token`, `hf_token`, `api_key`, `password`, ...), not a tokenizer
+    setting (`pad_token`) or a length (`max_new_tokens`).
+
+    Args:
+        key (`str`):
+            The key.
+
+    Returns:
+        `bool`: Whether its value must not be shown.
+    """
+    return bool(_SECRET_KEY.match(f"{key}:")) and not _TOKENIZER_KEY.match(f"{key}:")
 
 
 def redact_recipe(text: str) -> str:

@@ -24,13 +24,14 @@ are blank, not UTF-8 or not a JSON object are skipped and counted the same way. 
 import ast
 import builtins
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ __all__ = [
     "load_benchmark",
     "load_custom_dataset",
     "load_math_split",
+    "local_benchmark",
     "make_math_split",
     "normalize_example",
     "normalize_problem_text",
@@ -739,6 +741,8 @@ def load_benchmark(
     else:
         if isinstance(data_files, dict):
             raise ValueError(f"{spec.name}: `data_files` must be a path or a list of paths.")
+        if data_files is None and spec.data_files is not None:
+            data_files = list(spec.data_files) if isinstance(spec.data_files, tuple) else spec.data_files
         origin = ", ".join(_as_file_list(data_files)) if data_files is not None else _hub_origin(spec, load_kwargs)
         raw = _load_raw(spec, data_files, split, streaming, load_kwargs)
         ds = _normalize(raw, spec, origin, max_question_chars, verify_golds)
@@ -749,6 +753,57 @@ def load_benchmark(
 
 def _looks_local(path: str) -> bool:
     return os.path.exists(path) or any(path.lower().endswith(ext) for ext in (*_BUILDERS, ".gz"))
+
+
+def local_benchmark(
+    data_files: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    name: str | None = None,
+    question_column: str = "problem",
+    answer_column: str = "answer",
+    answer_format: AnswerFormat = "plain",
+    id_column: str | None = None,
+    notes: str = "",
+) -> BenchmarkSpec:
+    """
+    A maths benchmark that lives in local files only, to evaluate without adding it to `BENCHMARKS`.
+
+    Pass the spec wherever a benchmark name goes: `load_benchmark(spec)`, or
+    `ilr.evaluate.EvalConfig(benchmarks=[spec], ...)`, which reads its files and records them in the results.
+
+    Args:
+        data_files (`str`, `os.PathLike` or a sequence of them):
+            Local jsonl/json/parquet/csv file(s), one split.
+        name (`str`, *optional*):
+            The benchmark's name in results and details files; defaults to the first file's stem.
+        question_column (`str`, *optional*, defaults to `"problem"`):
+            Column with the problem text.
+        answer_column (`str`, *optional*, defaults to `"answer"`):
+            Column with the gold answer, or with a solution to extract it from.
+        answer_format (`str`, *optional*, defaults to `"plain"`):
+            `"plain"`, `"boxed"`, `"gsm8k"` or `"list"`; see [`BenchmarkSpec`].
+        id_column (`str`, *optional*):
+            Id column; the row index is used when `None`.
+        notes (`str`, *optional*, defaults to `""`):
+            Provenance and caveats.
+
+    Returns:
+        [`BenchmarkSpec`]: The spec, with its files in `data_files`.
+    """
+    paths = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
+    files = [os.fspath(path) for path in paths]
+    if not files:
+        raise ValueError("`local_benchmark` needs at least one file.")
+    return BenchmarkSpec(
+        name=name or Path(files[0]).name.split(".")[0],
+        hub_id=None,
+        question_column=question_column,
+        answer_column=answer_column,
+        answer_format=answer_format,
+        id_column=id_column,
+        notes=notes,
+        data_files=files[0] if len(files) == 1 else tuple(files),
+    )
 
 
 def load_custom_dataset(
@@ -795,21 +850,20 @@ def load_custom_dataset(
     Returns:
         `datasets.Dataset` or `datasets.IterableDataset`: Rows with the columns of `CANONICAL_FEATURES`.
     """
-    local = not isinstance(path_or_hub_id, str) or _looks_local(path_or_hub_id)
-    first = path_or_hub_id if isinstance(path_or_hub_id, str) else path_or_hub_id[0]
-    spec = BenchmarkSpec(
-        name=name or (Path(first).name.split(".")[0] if local else first),
-        hub_id=None if local else path_or_hub_id,
-        config=config,
-        split=split,
+    spec = local_benchmark(
+        path_or_hub_id,
+        name=name,
         question_column=question_column,
         answer_column=answer_column,
         answer_format=answer_format,
         id_column=id_column,
     )
+    if isinstance(path_or_hub_id, str) and not _looks_local(path_or_hub_id):  # a Hub dataset: its id, config, split
+        spec = dataclasses.replace(
+            spec, name=name or path_or_hub_id, hub_id=path_or_hub_id, config=config, split=split, data_files=None
+        )
     return load_benchmark(
         spec,
-        data_files=path_or_hub_id if local else None,
         streaming=streaming,
         limit=limit,
         **load_kwargs,

@@ -60,6 +60,7 @@ __all__ = [
     "abilities_from_accuracy",
     "ability_from_accuracy",
     "cooperate_fraction",
+    "describe_modes",
     "fill_missing_ratings",
     "fit_1pl",
     "irt_cache_key",
@@ -1052,3 +1053,37 @@ def _math_prompt(question: str | Messages) -> Messages:
     from ilr.data import build_prompt
 
     return build_prompt({"problem": question, "task": "math"})
+
+
+def describe_modes(estimate: IRTEstimate, agent_names: Sequence[str]) -> tuple[str, str | None]:
+    """
+    What an IRT estimate means for the run: each agent's ability, the range of the questions' difficulty and the share
+    of training questions each agent will cooperate on; and a warning when every question gets the same mode.
+
+    Args:
+        estimate ([`IRTEstimate`]):
+            The run's estimate.
+        agent_names (`Sequence[str]`):
+            One name per agent.
+
+    Returns:
+        `tuple[str, str | None]`: The summary line, and the warning (or `None` when both modes occur).
+    """
+    coop = select_modes(estimate.difficulty, estimate.gamma, "dynamic")
+    shares = ", ".join(f"{name} {100 * coop[:, i].mean():.0f}%" for i, name in enumerate(agent_names))
+    abilities = ", ".join(f"{name} {gamma:+.2f}" for name, gamma in zip(agent_names, estimate.gamma))
+    low, high = float(estimate.difficulty.min()), float(estimate.difficulty.max())
+    line = (
+        f"Dynamic Interaction ({estimate.source}): abilities {abilities}; question difficulty {low:+.2f} to "
+        f"{high:+.2f}; cooperation on {shares} of the {len(estimate.question_ids)} training questions."
+    )
+    if coop.all() or not coop.any():
+        mode, side = ("cooperate", "harder") if coop.all() else ("compete", "easier")
+        warning = (
+            f"Every training question is {side} than every agent's ability, so dynamic interaction will {mode} on "
+            "all of them (abilities refreshed during the run may change this). For both modes, train on data whose "
+            "difficulty straddles the agents' ability; to choose the mode yourself, set `interaction_mode` to "
+            "`cooperate`, `compete` or `ratio:<p>`."
+        )
+        return line, warning
+    return line, None

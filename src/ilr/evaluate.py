@@ -71,7 +71,7 @@ import platform
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,8 +165,10 @@ class EvalConfig:
 
     > Data
 
-    benchmarks (`list[str]`):
-        Registry names (`ilr.data.BENCHMARKS`); `math_avg` stands for the five maths benchmarks of the paper's Avg.
+    benchmarks (`list[str | BenchmarkSpec]`):
+        Registry names (`ilr.data.BENCHMARKS`); `math_avg` stands for the five maths benchmarks of the paper's Avg. A
+        [`~ilr.data.BenchmarkSpec`] (e.g. [`~ilr.data.local_benchmark`]) evaluates a benchmark outside the registry,
+        from its own `data_files`.
     data_files (`dict`, *optional*):
         Benchmark name -> local files in its raw schema, used instead of the Hub. For `aime`, name the components
         (`aime24`, `aime25`).
@@ -232,6 +234,9 @@ class EvalConfig:
         Bootstrap draws.
     command (`str`, *optional*):
         The command line, recorded in the results for reproduction.
+    verbose (`bool`, *optional*, defaults to `False`):
+        `ilr evaluate` shows every INFO record on the console, not only what runs, the progress and the result (the
+        log file `<output_dir>/evaluate.log` has them either way).
     """
 
     model: str | None = None
@@ -244,8 +249,9 @@ class EvalConfig:
     mode: str | None = None
     irt_cache: str | None = None
     debate_rounds: int = 2
-    benchmarks: list[str] = field(default_factory=list)
+    benchmarks: list[Any] = field(default_factory=list)
     data_files: dict[str, Any] = field(default_factory=dict)
+    local_benchmarks: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     streaming: bool = False
     limit: int | None = None
     skip_bad_lines: bool = False
@@ -272,6 +278,7 @@ class EvalConfig:
     confidence: float = DEFAULT_CONFIDENCE
     n_resamples: int = DEFAULT_RESAMPLES
     command: str | None = None
+    verbose: bool = False
 
     def __post_init__(self):
         if (self.model is None) == (self.config is None):
@@ -298,7 +305,13 @@ class EvalConfig:
             self.scoring  # noqa: B018 - validates `math_scoring`
         except ValueError as error:
             raise EvaluationError(f"`--math_scoring`: {error}") from None
-        self.benchmarks = expand_benchmarks(self.benchmarks)
+        local = [item for item in self.benchmarks if not isinstance(item, str)]
+        self.local_benchmarks = {spec.name: spec for spec in local}
+        for spec in local:
+            if spec.data_files is not None:
+                self.data_files.setdefault(spec.name, spec.data_files)
+        names = [item if isinstance(item, str) else item.name for item in self.benchmarks]
+        self.benchmarks = expand_benchmarks(names, local=self.local_benchmarks)
         for key in ("num_samples", "batch_size", "max_new_tokens", "n_resamples"):
             if getattr(self, key) < 1:
                 raise EvaluationError(f"`--{key}` must be >= 1 (got {getattr(self, key)}).")
@@ -336,16 +349,22 @@ class EvalConfig:
         self._check_data_files()
 
     def _check_data_files(self) -> None:
-        from ilr.data import BENCHMARKS
-
         for name, files in self.data_files.items():
             if name not in self.benchmarks:
                 raise EvaluationError(
                     f"`--data_files {name}=...` names a benchmark that is not evaluated ({', '.join(self.benchmarks)})."
                 )
-            if BENCHMARKS[name].sources and not isinstance(files, dict):
-                parts = " ".join(f"--data_files {src}=<file>" for src in BENCHMARKS[name].sources)
-                raise EvaluationError(f"`{name}` combines {', '.join(BENCHMARKS[name].sources)}: pass `{parts}`.")
+            sources = self.spec(name).sources
+            if sources and not isinstance(files, dict):
+                parts = " ".join(f"--data_files {src}=<file>" for src in sources)
+                raise EvaluationError(f"`{name}` combines {', '.join(sources)}: pass `{parts}`.")
+
+    def spec(self, name: str) -> Any:
+        """The [`~ilr.data.BenchmarkSpec`] of an evaluated benchmark: a local one given in `benchmarks`, or the
+        registry's."""
+        from ilr.data import get_spec
+
+        return self.local_benchmarks.get(name) or get_spec(name)
 
     @property
     def sampling(self) -> dict[str, Any]:
@@ -379,7 +398,7 @@ class EvalConfig:
         return settings
 
 
-def expand_benchmarks(names: str | Sequence[str]) -> list[str]:
+def expand_benchmarks(names: str | Sequence[str], local: Mapping[str, Any] | None = None) -> list[str]:
     """
     Benchmark names from a comma list or a list, with `math_avg` expanded to the five maths benchmarks of the paper's
     Avg; order kept, duplicates dropped.
@@ -387,6 +406,8 @@ def expand_benchmarks(names: str | Sequence[str]) -> list[str]:
     Args:
         names (`str` or `Sequence[str]`):
             E.g. `"gsm8k,math500"` or `["math_avg", "mbpp"]`.
+        local (`Mapping[str, BenchmarkSpec]`, *optional*):
+            Benchmarks outside the registry, by name ([`~ilr.data.local_benchmark`]).
 
     Returns:
         `list[str]`: Registry names.
@@ -401,7 +422,7 @@ def expand_benchmarks(names: str | Sequence[str]) -> list[str]:
             if not name:
                 continue
             for benchmark in MATH_AVG_BENCHMARKS if name == MATH_AVG_ALIAS else (name,):
-                if benchmark not in BENCHMARKS:
+                if benchmark not in BENCHMARKS and benchmark not in (local or {}):
                     known = ", ".join([MATH_AVG_ALIAS, *BENCHMARKS])
                     raise EvaluationError(f"Unknown benchmark {benchmark!r}: use one of {known}.")
                 if benchmark not in expanded:
@@ -494,6 +515,7 @@ def parse_eval_args(argv: Sequence[str]) -> EvalConfig:
     out.add_argument("--baseline", help="results file of another run, for paired differences")
     out.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE)
     out.add_argument("--n_resamples", type=int, default=DEFAULT_RESAMPLES)
+    out.add_argument("--verbose", action="store_true", help="show every INFO record, not only progress and results")
     args = parser.parse_args(list(argv))  # argparse itself reports a bad flag: usage, one error line, exit code 2
     benchmarks = expand_benchmarks(args.benchmarks)
     values = vars(args)
@@ -831,9 +853,17 @@ def _load_rows(name: str, config: EvalConfig) -> Any:
     from ilr.data import load_benchmark
 
     return load_benchmark(
-        name, data_files=config.data_files.get(name), streaming=config.streaming, limit=config.limit,
+        config.spec(name), data_files=config.data_files.get(name), streaming=config.streaming, limit=config.limit,
         verify_golds=False, max_question_chars=None,
     )  # fmt: skip
+
+
+def _progress_bar(name: str, rows: Any, agent_names: list[str]) -> Any:
+    """Problems answered (by every agent) of one benchmark; no total for a stream."""
+    from tqdm.auto import tqdm
+
+    total = len(rows) if hasattr(rows, "__len__") else None
+    return tqdm(total=total, desc=f"{name} ({', '.join(agent_names)})", unit="problem")
 
 
 def _evaluate_benchmark(
@@ -847,7 +877,7 @@ def _evaluate_benchmark(
     from ilr.data import canonical_row_bytes, get_spec
 
     start = time.perf_counter()
-    spec = get_spec(name)
+    spec = config.spec(name)
     agent_names = [backend.name for backend in backends]
     files = config.data_files.get(name)
     details_path = output_dir / f"details_{name}.jsonl"
@@ -859,6 +889,7 @@ def _evaluate_benchmark(
     seen: set[str] = set()
     pending: list[dict[str, Any]] = []
     n_generated = n_resumed = 0
+    progress = _progress_bar(name, rows, agent_names)
 
     def generate_pending() -> None:
         nonlocal n_generated
@@ -875,6 +906,7 @@ def _evaluate_benchmark(
         _append_records(details_path, records)  # durable before the next batch starts
         done.update(((record["id"], record["agent"]), record) for record in records)
         n_generated += len(pending)
+        progress.update(len(pending))
         logger.info("%s: %d problems generated, %d resumed.", name, n_generated, n_resumed)
         pending.clear()
 
@@ -893,12 +925,14 @@ def _evaluate_benchmark(
                     "pass `--overwrite`, or use another `--output_dir`."
                 )
             n_resumed += 1
+            progress.update(1)
             continue
         pending.append(row)
         if len(pending) == config.batch_size:
             generate_pending()
     if pending:
         generate_pending()
+    progress.close()
     if not order:
         raise EvaluationError(f"{name}: no problem to evaluate.")
     logger.info("%s: %d problems, %d generated in this run, %d resumed.", name, len(order), n_generated, n_resumed)
@@ -1219,7 +1253,7 @@ def _check_unreadable_lines(config: EvalConfig) -> dict[str, int]:
 
 
 def run_evaluation(
-    config: EvalConfig, *, backends: list[GenerationBackend] | None = None
+    config: EvalConfig, *, backends: list[GenerationBackend] | None = None, announce: str | None = None
 ) -> dict[str, dict[str, Any]]:
     """
     Evaluate, write the details and results files, and return the results of every agent.
@@ -1230,15 +1264,17 @@ def run_evaluation(
         backends (`list[GenerationBackend]`, *optional*):
             Ready generation backends, one per agent in order (tests, or callers that hold models already). When not
             given, models are resolved (downloaded if needed) and backends built with `ilr.generation.build_backend`.
+        announce (`str`, *optional*):
+            A line shown on the console once the models and data are found, before any model is loaded (`ilr
+            evaluate`'s line of what will run).
 
     Returns:
         `dict[str, dict]`: agent name -> its results (the content of `results_<agent>.json`).
     """
-    from ilr.data import get_spec
     from ilr.sandbox import code_execution_allowed
 
     wall_start = time.perf_counter()
-    code = [name for name in config.benchmarks if get_spec(name).task == "code"]
+    code = [name for name in config.benchmarks if config.spec(name).task == "code"]
     if code and not code_execution_allowed(config.allow_code_execution):
         raise EvaluationError(
             f"{', '.join(code)} run model-written code: pass `--allow_code_execution` (or set "
@@ -1251,6 +1287,10 @@ def run_evaluation(
     # Then the data (a stream is opened and read up to its first row): data that cannot be used fails before any
     # model is loaded or anything is written.
     rows = {name: _load_rows(name, config) for name in config.benchmarks}
+    if announce:
+        from ilr.console import announce as show
+
+        show(announce)
     if backends is None:
         # Built here, closed here (an in-process vLLM engine holds memory and process groups until closed).
         backends = _build_backends(agents, config)
@@ -1343,6 +1383,9 @@ def _run(
     return all_results
 
 
+LOG_NAME = "evaluate.log"
+
+
 def format_summary(results: dict[str, Any]) -> str:
     """
     A short plain-text summary of one agent's results (what `ilr evaluate` prints).
@@ -1383,11 +1426,46 @@ def evaluate_command(argv: Iterable[str]) -> int:
     Returns:
         `int`: 0 on success.
     """
+    from ilr import console
+
     config = parse_eval_args(list(argv))
-    # Progress (batches written, resumed problems) on stderr; a caller that set up logging keeps its own.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    all_results = run_evaluation(config)
-    for agent, results in all_results.items():
-        print(format_summary(results))
-        print(f"  -> {Path(config.output_dir) / f'results_{agent}.json'}")
+    console.setup(verbose=config.verbose)
+    try:
+        with console.log_file(Path(config.output_dir) / LOG_NAME) as log_path:
+            # Said once the models and data are found: a bad flag or an offline Hub stays a one-line error.
+            all_results = run_evaluation(config, announce=describe_evaluation(config, log_path))
+            for agent, results in all_results.items():
+                console.result(format_summary(results))
+                console.result(f"  -> {Path(config.output_dir) / f'results_{agent}.json'}")
+    finally:
+        console.teardown()  # `ilr evaluate` may run in-process (`ilr.cli.main` in tests): leave no handler behind
     return 0
+
+
+def describe_evaluation(config: EvalConfig, log_path: Path | None = None) -> str:
+    """
+    The one line `ilr evaluate` starts with: what is evaluated, on what, how, and where the outputs go.
+
+    Args:
+        config ([`EvalConfig`]):
+            The settings.
+        log_path (`pathlib.Path`, *optional*):
+            The log file, named in the line.
+
+    Returns:
+        `str`: The line.
+    """
+    from ilr.console import describe_run
+
+    models = [config.model] if config.model else [f"agents of {config.config}"]
+    sampling = "greedy" if config.temperature == 0 else f"{config.num_samples} samples at T={config.temperature}"
+    limit = f", first {config.limit} problems each" if config.limit else ""
+    line = describe_run(
+        "Evaluation",
+        models=models,
+        data=", ".join(config.benchmarks) + limit,
+        extra=f"protocol {config.protocol}, {sampling}, up to {config.max_new_tokens} new tokens",
+        backend=config.backend,
+        output_dir=config.output_dir,
+    )
+    return line + (f" (log: {log_path})" if log_path else "")

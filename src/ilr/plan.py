@@ -1063,6 +1063,6 @@ def plan_command(argv: Sequence[str]) -> int:
 
 
 def _config_path(args: Sequence[str]) -> str | None:
-    from ilr.train import _config_path as config_path  # ilr.train imports nothing heavy at module level
+    from ilr.train import _flag_value  # ilr.train imports nothing heavy at module level
 
-    return config_path(args)
+    return _flag_value(args, "--config")

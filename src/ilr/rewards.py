@@ -45,6 +45,7 @@ from functools import cache, lru_cache
 from typing import Any
 
 from ilr.lifetime import exit_with, process_start_time
+from ilr.machine import available_cores
 
 
 __all__ = [
@@ -663,14 +664,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _default_workers() -> int:
-    """Cores this process may run on (the affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def _kill_after(timeout_s: float) -> float:
     """When the parent kills a worker whose item ignored its SIGALRM (stuck in C code)."""
     return timeout_s * 1.5 + 1.0
@@ -838,7 +831,7 @@ def _run_pool(
     global _warned_inline, _pool_unavailable
     if timeout_s <= 0:
         raise ValueError(f"`timeout_s` must be positive, got {timeout_s}.")
-    workers = _default_workers() if max_workers is None else max_workers
+    workers = available_cores() if max_workers is None else max_workers
     if workers < 0:
         raise ValueError(f"`max_workers` must be >= 0 (0: no pool), got {max_workers}.")
     if not payloads:

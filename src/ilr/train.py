@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import json
 import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -106,29 +109,97 @@ def main(
     Raises:
         `HubUnavailableError`: `push_to_hub` and a push still failed after its retries; the models are saved locally.
     """
-    import datasets
-    import transformers
+    from ilr import console
+
+    ###############
+    # Setup logging: a quiet console (what runs, progress, warnings, result), the full log and the recipe on disk
+    ###############
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    created = console.setup(verbose=training_args.log_level if main_process else training_args.log_level_replica)
+    output_dir = Path(training_args.output_dir)
+    try:
+        with console.log_file(output_dir / LOG_NAME, main_process=main_process) as log_path:
+            if main_process:
+                recipe = console.write_recipe(
+                    output_dir / RECIPE_NAME, script_args, agents_args, training_args, source=recipe_path
+                )
+                console.announce(describe_training(script_args, agents_args, training_args, log_path, recipe))
+            return _train(script_args, agents_args, training_args, recipe_path, main_process)
+    finally:
+        if created:  # called as a library function (tests, scripts): leave no handler behind
+            console.teardown()
+
+
+# Written to `output_dir` by every run: the full log, and the resolved recipe (credentials removed).
+LOG_NAME = "train.log"
+RECIPE_NAME = "recipe.yaml"
+
+
+def describe_training(
+    script_args: Any, agents_args: Any, training_args: Any, log_path: Path | None = None, recipe: Path | None = None
+) -> str:
+    """
+    The one line a training run starts with: agents, steps, data, interaction, backend and device, output folder.
+
+    Args:
+        script_args, agents_args, training_args:
+            The recipe, parsed.
+        log_path (`pathlib.Path`, *optional*):
+            The log file, named in the line.
+        recipe (`pathlib.Path`, *optional*):
+            The resolved recipe file, named in the line.
+
+    Returns:
+        `str`: The line.
+    """
+    from ilr.console import describe_run
+
+    agents = agents_args.agents
+    models = sorted({agent.model_name_or_path for agent in agents})
+    labels = (
+        [agent.name for agent in agents] if len(models) == 1 else [f"{a.name}={a.model_name_or_path}" for a in agents]
+    )
+    data = script_args.dataset_name
+    if script_args.data_files:
+        files = script_args.data_files if isinstance(script_args.data_files, list) else [script_args.data_files]
+        data += f" ({', '.join(str(f) for f in files)})"
+    if training_args.method == "grpo":
+        what, extra = "GRPO baseline (TRL)", None
+    else:
+        what = "ILR training"
+        mode = training_args.interaction_mode
+        if mode == "dynamic":
+            mode += f" ({training_args.difficulty_source})"
+        extra = f"interaction {mode}, trained stages {', '.join(training_args.train_stages)}"
+    if len(models) == 1:
+        extra = f"from {models[0]}" + (f", {extra}" if extra else "")
+    steps = training_args.max_steps if training_args.max_steps and training_args.max_steps > 0 else None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = "cpu" if training_args.use_cpu else "gpu"
+    line = describe_run(
+        what,
+        models=labels,
+        steps=steps,
+        data=data,
+        extra=extra,
+        backend=training_args.generation_backend,
+        device=f"{world} {device} processes" if world > 1 else device,
+        output_dir=training_args.output_dir,
+    )
+    saved = [str(path.name) for path in (log_path, recipe) if path is not None]
+    return line + (f" ({', '.join(saved)} there)" if saved else "")
+
+
+def _train(script_args: Any, agents_args: Any, training_args: Any, recipe_path: Any, main_process: bool) -> list[str]:
+    """`main` once the console and the log file are set up."""
     from transformers import set_seed
 
+    from ilr.console import announce, format_duration
     from ilr.hub import HubUnavailableError
     from ilr.rewards import get_reward_funcs, shutdown_reward_pool
     from ilr.trainer import ILRTrainer, TrainingInterrupted, latest_checkpoint
 
-    ###############
-    # Setup logging
-    ###############
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = training_args.get_process_log_level()
-    for name in ("ilr", __name__):
-        logging.getLogger(name).setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    logger.info("Agents: %s", [f"{agent.name} ({agent.model_name_or_path})" for agent in agents_args.agents])
-    logger.info("Training/evaluation parameters %s", training_args)
+    start = time.perf_counter()
     set_seed(training_args.seed)
     if int(os.environ.get("RANK", "0")) == 0:
         from ilr.plan import warn_if_unfit
@@ -162,7 +233,10 @@ def main(
     trainer = None
     try:
         if training_args.method == "grpo":
-            return [train_grpo_baseline(agents_args.agents[0], training_args, train_dataset, reward_funcs, resume)]
+            folder = train_grpo_baseline(agents_args.agents[0], training_args, train_dataset, reward_funcs, resume)
+            if main_process:
+                announce("Done in %s. Model: %s.", format_duration(time.perf_counter() - start), folder, source=logger)
+            return [folder]
         trainer = ILRTrainer(
             agents_args.agents,
             training_args,
@@ -177,13 +251,13 @@ def main(
         except TrainingInterrupted:
             _end_run(trainer)  # every process stopped at the same step, after the same checkpoint
             raise
-        logger.info("Last step: reward %.4f", metrics.get("train/reward", float("nan")))
-
         ###############
-        # Save the final models, one folder per agent
+        # Save the final models, one folder per agent; the reward curve next to them
         ###############
         folders = trainer.save_models()
         logger.info("Models saved to %s", [str(folder) for folder in folders])
+        if main_process:
+            _report_result(trainer, training_args, folders, time.perf_counter() - start, metrics)
 
         ###############
         # Push each agent to its hub_model_id (checkpoints were queued as they were saved)
@@ -202,6 +276,50 @@ def main(
             for backend in trainer.backends:
                 backend.close()  # vLLM engines hold their KV cache until closed (closing twice is a no-op)
         shutdown_reward_pool()
+
+
+def _report_result(
+    trainer: Any, training_args: Any, folders: Sequence[Any], elapsed_s: float, metrics: dict[str, float]
+) -> None:
+    """The last console line of a run: time, the reward at the start and at the end, where the models and curve are."""
+    from ilr.console import announce, format_duration
+    from ilr.curves import write_reward_curves
+
+    output_dir = Path(training_args.output_dir)
+    agents = [agent.name for agent in trainer.agents]
+    curve = write_reward_curves(
+        output_dir,
+        agents,
+        trained_stages=training_args.train_stages,
+        title=f"ILR reward per step (trained: {', '.join(training_args.train_stages)})",
+    )
+    rewards = _reward_trend(output_dir / "metrics.jsonl")
+    trend = f"; mean reward {rewards[0]:.3f} in the first steps, {rewards[1]:.3f} in the last" if rewards else ""
+    last = metrics.get("train/reward", float("nan"))
+    announce(
+        "Done in %s: %d steps, last step's reward %.3f%s. Models: %s; curve: %s.",
+        format_duration(elapsed_s),
+        trainer.global_step,
+        last,
+        trend,
+        ", ".join(str(folder) for folder in folders),
+        curve or output_dir / "metrics.jsonl",
+        source=logger,
+    )
+
+
+def _reward_trend(metrics_path: Path, window: int = 3) -> tuple[float, float] | None:
+    """Mean `train/reward` of the first and of the last `window` logged steps (None with fewer than 2 windows)."""
+    if not metrics_path.is_file():
+        return None
+    rewards = [
+        record["train/reward"]
+        for record in map(json.loads, metrics_path.read_text(encoding="utf-8").splitlines())
+        if record.get("train/reward") is not None
+    ]
+    if len(rewards) < 2 * window:
+        return None
+    return sum(rewards[:window]) / window, sum(rewards[-window:]) / window
 
 
 def _end_run(trainer: Any) -> None:
@@ -331,23 +449,33 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         `int`: 0 on success; 128 + the signal number when SIGTERM/SIGINT stopped the run after a final checkpoint
         (the shell's code for a signal, so that schedulers see the job as interrupted, not finished).
     """
+    from ilr import console
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--verbose" in argv:  # the console's switch; the recipe's own is `log_level`
+        argv = [arg for arg in argv if arg != "--verbose"] + ["--log_level", "info"]
+    # Before the libraries are imported: some speak at import time (DeepSpeed's accelerator probe).
+    console.setup(verbose=_flag_value(argv, "--log_level"))  # the recipe's own is applied once it is parsed
+
     from ilr.configs import parse_recipe
     from ilr.trainer import TrainingInterrupted
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        main(*parse_recipe(argv), recipe_path=_config_path(argv))
+        main(*parse_recipe(argv), recipe_path=_flag_value(argv, "--config"))
     except TrainingInterrupted as stop:
         logger.warning("Training %s", stop)
         return 128 + stop.signum
+    finally:
+        console.teardown()  # `ilr train` may run in-process (`ilr.cli.main` in tests): leave no handler behind
     return 0
 
 
-def _config_path(argv: Sequence[str]) -> str | None:
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of `flag` (`--config`, `--log_level`) on a command line, before the recipe is parsed."""
     for index, arg in enumerate(argv):
-        if arg == "--config" and index + 1 < len(argv):
+        if arg == flag and index + 1 < len(argv):
             return argv[index + 1]
-        if arg.startswith("--config="):
+        if arg.startswith(f"{flag}="):
             return arg.split("=", 1)[1]
     return None
 

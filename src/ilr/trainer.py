@@ -1497,7 +1497,7 @@ class ILRTrainer:
         Returns:
             `IRTEstimate | None`: `None` under a fixed interaction mode.
         """
-        from ilr.difficulty import irt_cache_path, load_irt, needs_irt, save_irt
+        from ilr.difficulty import describe_modes, irt_cache_path, load_irt, needs_irt, save_irt
 
         if not needs_irt(self.args.interaction_mode):
             return None
@@ -1508,6 +1508,12 @@ class ILRTrainer:
         if estimate is None:
             with self.generation_weights():  # entered by every process (ZeRO-3 gathers collectively)
                 if self.accelerator.is_main_process:
+                    logger.info(  # console: issue 18, a pre-pass takes minutes on CPU
+                        "Estimating question difficulty and agent ability (%s pre-pass, cached in %s)...",
+                        self.args.difficulty_source,
+                        cache_dir,
+                        extra={"console": True},
+                    )
                     estimate = self._irt_prepass(key_fields)
                     save_irt(path, estimate, key_fields)
                     logger.info("IRT estimate (%s) cached at %s.", estimate.source, path)
@@ -1515,7 +1521,10 @@ class ILRTrainer:
             estimate = load_irt(path, key_fields) if estimate is None else estimate
         else:
             logger.info("IRT estimate loaded from the cache %s.", path)
-        logger.info("Abilities (gamma): %s", {a.name: round(float(g), 3) for a, g in zip(self.agents, estimate.gamma)})
+        summary, one_mode = describe_modes(estimate, [agent.name for agent in self.agents])  # console: issue 18
+        logger.info(summary, extra={"console": True})
+        if one_mode:
+            logger.warning(one_mode)
         return estimate
 
     def _validation_rows(self) -> list[dict[str, Any]]:
