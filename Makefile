@@ -1,6 +1,6 @@
 # ILR recipe repository. `make test` sets everything up on a fresh machine, then runs the offline suite.
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow quality style clean evaluate train demo bench
+.PHONY: help install test test-slow quality style clean evaluate train demo study bench
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -88,6 +88,12 @@ train: $(TRAIN_STAMP) $(if $(USES_DEMO_MODEL),$(DEMO_MODEL)/model.safetensors)  
 DEMO_RECIPE ?= recipes/demo/ilr/config_smollm2_demo.yaml
 demo: $(TRAIN_STAMP) $(DEMO_MODEL)/model.safetensors  ## the offline demo that learns: before/after table (2 CPU cores)
 	$(OFFLINE) $(PY) recipes/demo/run_demo.py --config $(DEMO_RECIPE) $(DEMO_ARGS)
+
+# ILR vs GRPO, compute-matched GRPO and three ILR ablations over seeds, each agent evaluated alone before and after;
+# resumable (run it again to continue). STUDY: a study config; STUDY_ARGS: e.g. --report_only, --seeds 0, --arms ...
+STUDY ?= recipes/demo/study/config_smollm2_cpu.yaml
+study: $(TRAIN_STAMP) $(if $(findstring demo/,$(STUDY)),$(DEMO_MODEL)/model.safetensors)  ## ILR vs GRPO with ablations over seeds: table, plot, JSON
+	$(OFFLINE) $(VENV)/bin/ilr study --config $(STUDY) $(STUDY_ARGS)
 
 # BENCH_ARGS: e.g. --repeats 5, --quick, --profile; see benchmarks/README.md. One torch thread: both sides alike.
 bench: $(STAMP)  ## ILR vs plain TRL GRPO, time per generated token, side by side (CPU, ~3 min)

@@ -3,7 +3,15 @@ import math
 import numpy as np
 import pytest
 
-from ilr.stats import Interval, bootstrap_average, bootstrap_interval, paired_bootstrap, pass_at_k
+from ilr.stats import (
+    Interval,
+    bootstrap_average,
+    bootstrap_interval,
+    crossed_bootstrap,
+    paired_bootstrap,
+    paired_crossed_bootstrap,
+    pass_at_k,
+)
 
 
 def exact_pass_at_k(n: int, c: int, k: int) -> float:
@@ -172,3 +180,54 @@ def test_paired_comparison_uses_only_shared_problem_ids():
 def test_paired_comparison_without_shared_ids_is_an_error():
     with pytest.raises(ValueError, match="share no problem id"):
         paired_bootstrap({"a": 1.0}, {"b": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Several runs (seeds) crossed with problems
+# ---------------------------------------------------------------------------------------------------------------------
+def test_crossed_bootstrap_counts_the_spread_between_seeds():
+    # Seed 0 answers both questions, seed 1 neither: the questions agree, the seeds do not. Resampling the 2 seeds
+    # gives a mean of 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4, so the 95% interval is [0, 1]; a bootstrap over
+    # questions alone would give [0.5, 0.5].
+    interval = crossed_bootstrap([{"q1": 1.0, "q2": 1.0}, {"q1": 0.0, "q2": 0.0}], n_resamples=4000)
+    assert (interval.estimate, interval.low, interval.high) == (0.5, 0.0, 1.0)
+    assert interval.method == "crossed-bootstrap"
+
+
+def test_crossed_bootstrap_with_identical_seeds_is_the_question_bootstrap():
+    runs = [{"q1": 1.0, "q2": 0.0, "q3": 0.0, "q4": 0.0}] * 3
+    interval = crossed_bootstrap(runs, n_resamples=4000)
+    assert interval.estimate == 0.25
+    # Draws are k/4 for k correct questions among 4 drawn, P(k = 0) = (3/4)^4 = 0.32 > 2.5%: the low end is 0.
+    assert interval.low == 0.0 and 0.5 <= interval.high <= 0.75
+    constant = crossed_bootstrap([{"q1": 0.3, "q2": 0.3}, {"q1": 0.3, "q2": 0.3}], n_resamples=500)
+    assert constant.low == pytest.approx(0.3) and constant.high == pytest.approx(0.3)
+
+
+def test_crossed_bootstrap_uses_the_problems_every_run_has():
+    interval = crossed_bootstrap([{"q1": 1.0, "q2": 0.0}, {"q1": 1.0, "q3": 0.0}], n_resamples=200)
+    assert interval.estimate == 1.0  # only q1 is common
+    with pytest.raises(ValueError, match="share no problem"):
+        crossed_bootstrap([{"q1": 1.0}, {"q2": 1.0}])
+
+
+def test_paired_crossed_bootstrap_pairs_questions():
+    # a is b + 0.1 on every question, however hard: paired on the question, the difference never varies.
+    b = {"easy": 0.9, "mid": 0.5, "hard": 0.0}
+    a = {question: score + 0.1 for question, score in b.items()}
+    comparison = paired_crossed_bootstrap([a], [b, {**b, "extra": 1.0}], n_resamples=2000)
+    assert comparison.difference.estimate == pytest.approx(0.1)
+    assert comparison.difference.low == pytest.approx(0.1) and comparison.difference.high == pytest.approx(0.1)
+    assert (comparison.n_common, comparison.n_only_a, comparison.n_only_b) == (3, 0, 0)  # `extra` is not in every b
+    assert comparison.mean_a == pytest.approx(1.7 / 3) and comparison.mean_b == pytest.approx(1.4 / 3)
+    assert comparison.difference.method == "paired-crossed-bootstrap"
+
+
+def test_paired_crossed_bootstrap_resamples_each_arms_seeds():
+    # Arm a's seeds disagree completely (1 and 0 on the one question); b's single seed is 0: the difference is
+    # 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4.
+    comparison = paired_crossed_bootstrap([{"q": 1.0}, {"q": 0.0}], [{"q": 0.0}], n_resamples=4000)
+    assert comparison.difference.estimate == 0.5
+    assert (comparison.difference.low, comparison.difference.high) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="share no problem"):
+        paired_crossed_bootstrap([{"q": 1.0}], [{"r": 1.0}])

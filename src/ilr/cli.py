@@ -128,6 +128,13 @@ def _train(args: list[str]) -> int:
     return end_process(cli_main(args))  # under a distributed launcher, exits here, before interpreter finalisation
 
 
+def _study(args: list[str]) -> int:
+    """Runs (or resumes) a study: ILR vs GRPO with ablations over seeds, each agent evaluated alone; see `ilr.study`."""
+    from ilr.study import main
+
+    return main(args)
+
+
 def _interact(args: list[str]) -> int:
     """Runs one discussion of a recipe's agents and prints the transcript; see `ilr.discussion`."""
     from ilr.discussion import interact_command
@@ -145,6 +152,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "compare": (_compare, "markdown leaderboard: ilr compare a.json b.json ..."),
     "download": (_download, "download a released checkpoint: ilr download org/name [--revision R] [--local_dir D]"),
     "train": (_train, "train a recipe's agents: ilr train --config recipes/.../config.yaml [--key value ...]"),
+    "study": (_study, "ILR vs GRPO with ablations over seeds: ilr study --config study.yaml [--report_only]"),
 }
 
 
@@ -192,6 +200,7 @@ _USER_ERRORS = (
     ("ilr.evaluate", "EvaluationError"),
     ("ilr.generation", "GenerationError"),  # an engine that kept failing: the message names the agent and the fix
     ("ilr.plan", "PlanError"),
+    ("ilr.study", "StudyConfigError"),
 )
 
 

@@ -9,7 +9,10 @@ population of possible questions:
 - a paired comparison of two models on the same problems: resample the common problems once and take the mean
   difference on each draw, so that the (usually large) per-problem correlation cancels;
 - an average over benchmarks (the paper's "Avg"): resample each benchmark's problems independently and average the
-  benchmark means.
+  benchmark means;
+- several training runs (seeds) that all answer the same problems, a crossed design: resample runs and problems
+  independently, so that the interval covers both the run-to-run and the question-to-question variance; a paired
+  version compares two arms on the same problems, each arm's runs resampled on their own.
 
 Resampling is vectorised in chunks of draws, so memory stays bounded for large benchmarks and many samples.
 """
@@ -27,7 +30,9 @@ __all__ = [
     "PairedComparison",
     "bootstrap_average",
     "bootstrap_interval",
+    "crossed_bootstrap",
     "paired_bootstrap",
+    "paired_crossed_bootstrap",
     "pass_at_k",
 ]
 
@@ -322,4 +327,134 @@ def paired_bootstrap(
         n_common=len(common),
         n_only_a=len(scores_a) - len(common),
         n_only_b=sum(1 for i in scores_b if i not in scores_a),
+    )
+
+
+def _run_matrix(runs: Sequence[Mapping[str, float]], problems: Sequence[str]) -> np.ndarray:
+    return np.array([[run[problem] for problem in problems] for run in runs], dtype=np.float64)
+
+
+def _common_problems(runs: Sequence[Mapping[str, float]], what: str) -> list[str]:
+    if not runs or any(not run for run in runs):
+        raise ValueError(f"{what}: need at least one run, each with at least one problem.")
+    common = [problem for problem in runs[0] if all(problem in run for run in runs[1:])]
+    if not common:
+        raise ValueError(
+            f"{what}: the runs share no problem id ({[len(run) for run in runs]} problems): every run must be "
+            "evaluated on the same questions."
+        )
+    return common
+
+
+def _crossed_draws(matrix: np.ndarray, problem_counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Means of `matrix` (runs x problems) over resampled runs, given each draw's problem counts (draws x problems)."""
+    num_runs, num_problems = matrix.shape
+    run_counts = rng.multinomial(num_runs, np.full(num_runs, 1.0 / num_runs), size=problem_counts.shape[0])
+    return np.einsum("dr,rp,dp->d", run_counts, matrix, problem_counts) / (num_runs * num_problems)
+
+
+def crossed_bootstrap(
+    runs: Sequence[Mapping[str, float]],
+    *,
+    confidence: float = DEFAULT_CONFIDENCE,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> Interval:
+    """
+    Interval of a mean score over several runs (e.g. training seeds) that answered the same problems.
+
+    Runs and problems are crossed (every run answers every problem), so each draw resamples the runs and the problems
+    independently, with replacement, and takes the mean of the resampled runs x problems table: the interval widens
+    with the spread between runs as well as between problems. With one run it is the plain bootstrap over problems.
+
+    Args:
+        runs (`Sequence[Mapping[str, float]]`):
+            One mapping per run: problem id -> score (correctness, or the mean over a problem's samples). Only the
+            problems every run has are used.
+        confidence (`float`, *optional*, defaults to `0.95`):
+            Coverage of the interval.
+        n_resamples (`int`, *optional*, defaults to `10000`):
+            Bootstrap draws.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the draws.
+
+    Returns:
+        `Interval`: the mean over runs and common problems and its interval (`method="crossed-bootstrap"`).
+    """
+    _check_common(confidence, n_resamples)
+    matrix = _run_matrix(runs, _common_problems(runs, "crossed_bootstrap"))
+    rng = np.random.default_rng(seed)
+    num_problems = matrix.shape[1]
+    draws = np.empty(n_resamples)
+    chunk = max(1, _CHUNK_ELEMENTS // (num_problems + matrix.shape[0]))
+    for start in range(0, n_resamples, chunk):
+        size = min(chunk, n_resamples - start)
+        problem_counts = rng.multinomial(num_problems, np.full(num_problems, 1.0 / num_problems), size=size)
+        draws[start : start + size] = _crossed_draws(matrix, problem_counts, rng)
+    low, high = _percentiles(draws, confidence)
+    return Interval(float(matrix.mean()), low, high, confidence, n_resamples, "crossed-bootstrap")
+
+
+def paired_crossed_bootstrap(
+    runs_a: Sequence[Mapping[str, float]],
+    runs_b: Sequence[Mapping[str, float]],
+    *,
+    confidence: float = DEFAULT_CONFIDENCE,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> PairedComparison:
+    """
+    Paired comparison of two arms, each with several runs (seeds), on the problems they all share.
+
+    Each draw resamples the common problems once for both arms (the pairing: a hard question counts against both),
+    and each arm's runs on their own (runs of different arms are independent trainings, whatever their seeds), then
+    takes the difference of the two resampled means.
+
+    Args:
+        runs_a (`Sequence[Mapping[str, float]]`):
+            Arm `a`: one mapping per run, problem id -> score.
+        runs_b (`Sequence[Mapping[str, float]]`):
+            Arm `b` (the baseline), the same way.
+        confidence (`float`, *optional*, defaults to `0.95`):
+            Coverage of the interval.
+        n_resamples (`int`, *optional*, defaults to `10000`):
+            Bootstrap draws.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the draws.
+
+    Returns:
+        `PairedComparison`: `mean_a - mean_b` over the common problems with its interval
+        (`method="paired-crossed-bootstrap"`), both means and the overlap counts (problems, not runs).
+
+    Raises:
+        `ValueError`: the arms share no problem id.
+    """
+    _check_common(confidence, n_resamples)
+    problems_a = _common_problems(runs_a, "paired_crossed_bootstrap (a)")
+    problems_b = set(_common_problems(runs_b, "paired_crossed_bootstrap (b)"))
+    common = [problem for problem in problems_a if problem in problems_b]
+    if not common:
+        raise ValueError(
+            f"The two arms share no problem id ({len(problems_a)} vs {len(problems_b)} problems): a paired comparison "
+            "needs both evaluated on the same questions."
+        )
+    a, b = _run_matrix(runs_a, common), _run_matrix(runs_b, common)
+    rng = np.random.default_rng(seed)
+    num_problems = len(common)
+    draws = np.empty(n_resamples)
+    chunk = max(1, _CHUNK_ELEMENTS // (num_problems + a.shape[0] + b.shape[0]))
+    for start in range(0, n_resamples, chunk):
+        size = min(chunk, n_resamples - start)
+        problem_counts = rng.multinomial(num_problems, np.full(num_problems, 1.0 / num_problems), size=size)
+        draws[start : start + size] = _crossed_draws(a, problem_counts, rng) - _crossed_draws(b, problem_counts, rng)
+    low, high = _percentiles(draws, confidence)
+    return PairedComparison(
+        difference=Interval(
+            float(a.mean() - b.mean()), low, high, confidence, n_resamples, "paired-crossed-bootstrap"
+        ),
+        mean_a=float(a.mean()),
+        mean_b=float(b.mean()),
+        n_common=num_problems,
+        n_only_a=len(problems_a) - num_problems,
+        n_only_b=len(problems_b) - num_problems,
     )

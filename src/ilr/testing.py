@@ -744,7 +744,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_child(command: list[str], log: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_child(
+    command: list[str], log: str | Path, env: dict[str, str] | None = None, *, append: bool = False
+) -> subprocess.Popen:
     """
     Start a child process that cannot outlive this one: SIGKILLed by the kernel when this process dies, however it
     dies (`PR_SET_PDEATHSIG`, Linux), and in its own process group so that [`stop_child`] reaches its children too.
@@ -756,11 +758,13 @@ def start_child(command: list[str], log: str | Path, env: dict[str, str] | None 
             File that receives its stdout and stderr.
         env (`dict[str, str]`, *optional*):
             Its environment; defaults to this process's.
+        append (`bool`, *optional*, defaults to `False`):
+            Add to `log` instead of replacing it (a resumed run keeps the output of the attempts before).
 
     Returns:
         `subprocess.Popen`: The child.
     """
-    with open(log, "wb") as out:
+    with open(log, "ab" if append else "wb") as out:
         return subprocess.Popen(
             command,
             stdout=out,

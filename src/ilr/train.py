@@ -341,6 +341,7 @@ def train_grpo_baseline(
     """
     from trl import GRPOTrainer, get_peft_config
 
+    from ilr.compute import GeneratedTokensCallback
     from ilr.data import add_prompt_column
     from ilr.models import load_model, load_tokenizer
 
@@ -363,10 +364,12 @@ def train_grpo_baseline(
         train_dataset=add_prompt_column(train_dataset),
         processing_class=load_tokenizer(agent),
         peft_config=get_peft_config(agent),
+        callbacks=[GeneratedTokensCallback()],
     )
     trainer.train(resume_from_checkpoint=resume)
     folder = os.path.join(training_args.output_dir, agent.name)
     trainer.save_model(folder)
+    trainer.save_state()  # `trainer_state.json`: the log history, generated tokens included, outlives the checkpoints
     logger.info("Model saved to %s", folder)
     if training_args.push_to_hub:  # TRL's own push: the output folder, its model card, to `hub_model_id`
         trainer.push_to_hub(tags=["ilr-baseline", "grpo"])
