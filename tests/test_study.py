@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_trainer import CPU_RUN
 
 from ilr.cli import main as cli_main
 from ilr.study import (
@@ -20,6 +19,7 @@ from ilr.study import (
     run_recipe,
     summarize_study,
 )
+from test_trainer import CPU_RUN
 
 
 REPO = Path(__file__).resolve().parents[1]

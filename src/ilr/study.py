@@ -429,12 +429,13 @@ def _evaluate(
 def _evaluate_requests(path: str) -> int:
     """The evaluation child: `python -m ilr.study _evaluate <requests.json>`, each an `EvalConfig`'s settings."""
     from ilr.demo import DEMO_BENCHMARK, register_arithmetic_benchmark
-    from ilr.evaluate import EvalConfig, run_evaluation
+    from ilr.evaluate import EvalConfig, expand_benchmarks, run_evaluation
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for request in json.loads(Path(path).read_text(encoding="utf-8")):
         if DEMO_BENCHMARK in request["benchmarks"]:
             register_arithmetic_benchmark()
+        request["benchmarks"] = expand_benchmarks(request["benchmarks"])  # `math_avg`: the paper's five
         run_evaluation(EvalConfig(**request))
     return 0
 
@@ -918,7 +919,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO,
         handlers=[logging.StreamHandler(sys.stdout)],
     )
-    results = run_study(config, report_only=options.report_only)
+    try:
+        results = run_study(config, report_only=options.report_only)
+    except _Stop:
+        return 128 + signal.SIGTERM  # the shell's code for a signal: schedulers see the study as interrupted
     report((Path(config.output_dir) / "results.md").read_text(encoding="utf-8"))
     return 1 if results["failures"] else 0
 
