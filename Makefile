@@ -91,7 +91,7 @@ demo: $(TRAIN_STAMP) $(DEMO_MODEL)/model.safetensors  ## the offline demo that l
 
 # ILR vs GRPO, compute-matched GRPO and three ILR ablations over seeds, each agent evaluated alone before and after;
 # resumable (run it again to continue). STUDY: a study config; STUDY_ARGS: e.g. --report_only, --seeds 0, --arms ...
-STUDY ?= recipes/demo/study/config_smollm2_cpu.yaml
+STUDY ?= recipes/demo/study/study_smollm2_cpu.yaml
 study: $(TRAIN_STAMP) $(if $(findstring demo/,$(STUDY)),$(DEMO_MODEL)/model.safetensors)  ## ILR vs GRPO with ablations over seeds: table, plot, JSON
 	$(OFFLINE) $(VENV)/bin/ilr study --config $(STUDY) $(STUDY_ARGS)
 

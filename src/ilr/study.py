@@ -1,6 +1,6 @@
 r"""The paper's comparison in miniature: ILR against single-agent GRPO, with ablations, over seeds, with intervals.
 
-    ilr study --config recipes/demo/study/config_smollm2_cpu.yaml      # or: make study
+    ilr study --config recipes/demo/study/study_smollm2_cpu.yaml      # or: make study
     ilr study --config study.yaml --report_only                         # the table from the runs finished so far
 
 A study config names an ILR recipe, the arms, the seeds and the held-out evaluation. Every arm is that recipe with a
@@ -163,7 +163,7 @@ def load_study_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
         raise StudyConfigError(f"{path}: unknown study key(s) {unknown}; the keys are {sorted(known)}.")
     missing = [key for key in ("recipe", "output_dir", "seeds", "evaluation") if key not in raw]
     if missing:
-        raise StudyConfigError(f"{path}: missing key(s) {missing} (see recipes/demo/study/config_smollm2_cpu.yaml).")
+        raise StudyConfigError(f"{path}: missing key(s) {missing} (see recipes/demo/study/study_smollm2_cpu.yaml).")
     arms_in = raw.get("arms") or list(ARMS)
     arms: dict[str, dict[str, Any]] = {}
     for item in arms_in if isinstance(arms_in, list) else list(arms_in.items()):
@@ -876,7 +876,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse `ilr study` flags."""
     parser = argparse.ArgumentParser(prog="ilr study", description="ILR vs GRPO with ablations, over seeds.")
     parser.add_argument(
-        "--config", required=True, help="study config (e.g. recipes/demo/study/config_smollm2_cpu.yaml)"
+        "--config", required=True, help="study config (e.g. recipes/demo/study/study_smollm2_cpu.yaml)"
     )
     parser.add_argument("--output_dir", help="study folder (default: the config's)")
     parser.add_argument("--seeds", help="comma list of seeds (default: the config's)")
