@@ -19,7 +19,7 @@ from ilr.study import (
     run_recipe,
     summarize_study,
 )
-from test_trainer import CPU_RUN
+from test_demo import _tiny_recipe as demo_tiny_recipe
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,44 +32,21 @@ def _write(path: Path, content: dict) -> Path:
 
 
 def _tiny_recipe(tmp_path: Path, model: str) -> Path:
-    """Two agents from the same tiny model: one run per seed for GRPO, one evaluation before training."""
-    return _write(
-        tmp_path / "recipe.yaml",
-        {
-            "agents": [
-                {"model_name_or_path": model, "name": "a", "dtype": "float32"},
-                {"model_name_or_path": model, "name": "b", "dtype": "float32"},
-            ],
-            "dataset_name": "arithmetic",
-            "data_files": [str(DEMO_DATA / "arithmetic_hinted.jsonl")],
-            "question_column": "problem",
-            "answer_column": "answer",
-            "answer_format": "plain",
-            "reward_funcs": ["accuracy", "format"],
-            "reward_weights": [1.0, 0.5],
-            "method": "ilr",
-            "interaction_mode": "dynamic",
-            "train_stages": ["share", "fuse"],
-            "analysis_samples": 1,
-            "num_generations": 4,
-            "generation_batch_size": 4,
-            "per_device_train_batch_size": 4,
-            "gradient_accumulation_steps": 1,
-            "max_completion_length": 4,
-            "max_analysis_length": 4,
-            "peer_max_tokens": 8,
-            "learning_rate": 1e-3,
-            "lr_scheduler_type": "constant",
-            "beta": 0.0,
-            "loss_type": "dapo",
-            "scale_rewards": "batch",
-            "max_steps": 1,
-            "logging_steps": 1,
-            "save_strategy": "no",
-            "push_to_hub": False,
-            **CPU_RUN,
-        },
+    """The demo test's tiny recipe with both agents from the same model (one GRPO run per seed, one evaluation before
+    training), both stages trained, and one step."""
+    path = demo_tiny_recipe(tmp_path, model, model)
+    recipe = yaml.safe_load(path.read_text())
+    recipe.update(
+        method="ilr",
+        interaction_mode="dynamic",
+        train_stages=["share", "fuse"],
+        generation_batch_size=4,
+        per_device_train_batch_size=4,
+        max_completion_length=4,
+        max_steps=1,
+        push_to_hub=False,
     )
+    return _write(path, recipe)
 
 
 def _study_config(tmp_path: Path, recipe: Path, arms: list[str], **extra) -> Path:

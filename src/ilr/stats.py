@@ -19,7 +19,7 @@ Resampling is vectorised in chunks of draws, so memory stays bounded for large b
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -353,6 +353,19 @@ def _crossed_draws(matrix: np.ndarray, problem_counts: np.ndarray, rng: np.rando
     return np.einsum("dr,rp,dp->d", run_counts, matrix, problem_counts) / (num_runs * num_problems)
 
 
+def _draw_by_problem_counts(
+    num_problems: int, n_resamples: int, rng: np.random.Generator, statistic: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """`statistic` of each bootstrap draw of the problems, given as counts (draws x problems), in bounded chunks."""
+    draws = np.empty(n_resamples)
+    chunk = max(1, _CHUNK_ELEMENTS // num_problems)
+    for start in range(0, n_resamples, chunk):
+        size = min(chunk, n_resamples - start)
+        counts = rng.multinomial(num_problems, np.full(num_problems, 1.0 / num_problems), size=size)
+        draws[start : start + size] = statistic(counts)
+    return draws
+
+
 def crossed_bootstrap(
     runs: Sequence[Mapping[str, float]],
     *,
@@ -384,13 +397,9 @@ def crossed_bootstrap(
     _check_common(confidence, n_resamples)
     matrix = _run_matrix(runs, _common_problems(runs, "crossed_bootstrap"))
     rng = np.random.default_rng(seed)
-    num_problems = matrix.shape[1]
-    draws = np.empty(n_resamples)
-    chunk = max(1, _CHUNK_ELEMENTS // (num_problems + matrix.shape[0]))
-    for start in range(0, n_resamples, chunk):
-        size = min(chunk, n_resamples - start)
-        problem_counts = rng.multinomial(num_problems, np.full(num_problems, 1.0 / num_problems), size=size)
-        draws[start : start + size] = _crossed_draws(matrix, problem_counts, rng)
+    draws = _draw_by_problem_counts(
+        matrix.shape[1], n_resamples, rng, lambda counts: _crossed_draws(matrix, counts, rng)
+    )
     low, high = _percentiles(draws, confidence)
     return Interval(float(matrix.mean()), low, high, confidence, n_resamples, "crossed-bootstrap")
 
@@ -441,12 +450,9 @@ def paired_crossed_bootstrap(
     a, b = _run_matrix(runs_a, common), _run_matrix(runs_b, common)
     rng = np.random.default_rng(seed)
     num_problems = len(common)
-    draws = np.empty(n_resamples)
-    chunk = max(1, _CHUNK_ELEMENTS // (num_problems + a.shape[0] + b.shape[0]))
-    for start in range(0, n_resamples, chunk):
-        size = min(chunk, n_resamples - start)
-        problem_counts = rng.multinomial(num_problems, np.full(num_problems, 1.0 / num_problems), size=size)
-        draws[start : start + size] = _crossed_draws(a, problem_counts, rng) - _crossed_draws(b, problem_counts, rng)
+    draws = _draw_by_problem_counts(
+        num_problems, n_resamples, rng, lambda counts: _crossed_draws(a, counts, rng) - _crossed_draws(b, counts, rng)
+    )
     low, high = _percentiles(draws, confidence)
     return PairedComparison(
         difference=Interval(
