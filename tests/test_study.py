@@ -17,6 +17,7 @@ from ilr.study import (
     load_study_config,
     plan_runs,
     run_recipe,
+    run_study,
     summarize_study,
 )
 from test_demo import _tiny_recipe as demo_tiny_recipe
@@ -265,3 +266,10 @@ def test_smollm2_learns_and_a_zero_learning_rate_control_does_not(tmp_path, monk
     # The method: at least one agent answers more held-out questions right than the control, interval above zero.
     gains = [rows[("ilr", agent)]["vs_baseline"]["difference"] for agent in ("smollm2-a", "smollm2-b")]
     assert max(gain["low"] for gain in gains) > 0, gains
+
+
+def test_an_arm_with_a_bad_key_stops_the_study_before_any_run(tmp_path, tiny_model_a):
+    config = _study_config(tmp_path, _tiny_recipe(tmp_path, tiny_model_a), {"grpo": None, "bad": {"learning_rat": 1}})
+    with pytest.raises(StudyConfigError, match=r"arm 'bad'.*learning_rat"):
+        run_study(load_study_config(config))
+    assert not (tmp_path / "study" / "before").exists()  # nothing was evaluated or trained

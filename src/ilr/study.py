@@ -57,6 +57,7 @@ __all__ = [
     "StudyConfig",
     "StudyConfigError",
     "StudyRow",
+    "check_arms",
     "format_study_table",
     "load_study_config",
     "main",
@@ -308,6 +309,42 @@ def run_recipe(config: StudyConfig, run: Run, recipe: Mapping[str, Any]) -> dict
     for key in ("push_to_hub", "resume_from_checkpoint"):
         derived.pop(key, None)  # a study keeps its models local; `ilr.train` finds the run's own checkpoints
     return derived
+
+
+def check_arms(config: StudyConfig, recipe: Mapping[str, Any], runs: Sequence[Run]) -> None:
+    """
+    Parse the recipe of every arm as `ilr check` does, before anything is trained: a bad key fails the study at once,
+    naming the arm, instead of one run after hours.
+
+    Args:
+        config ([`StudyConfig`]):
+            The study.
+        recipe (`Mapping`):
+            The study's ILR recipe, parsed.
+        runs (`Sequence[Run]`):
+            The planned runs; the first of each arm is checked.
+
+    Raises:
+        `StudyConfigError`: an arm's recipe does not parse; the message holds the recipe parser's.
+    """
+    import tempfile
+
+    import yaml
+
+    from ilr.configs import parse_recipe
+
+    checked: set[str] = set()
+    with tempfile.TemporaryDirectory() as folder:
+        for run in runs:
+            if run.arm in checked:
+                continue
+            checked.add(run.arm)
+            path = Path(folder) / f"{run.arm}.yaml"
+            path.write_text(yaml.safe_dump(run_recipe(config, run, recipe), sort_keys=False), encoding="utf-8")
+            try:  # hardware the recipe is meant for (GPUs, vLLM) is a note here, not an error
+                parse_recipe(["--config", str(path)], hardware_notes=[])
+            except (ValueError, TypeError) as error:
+                raise StudyConfigError(f"arm {run.arm!r} (keys {config.arms[run.arm]}): {error}") from error
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -710,6 +747,8 @@ def run_study(config: StudyConfig, *, report_only: bool = False) -> dict[str, An
     by_name = {agent["name"]: agent for agent in agents}
     runs = plan_runs(config, agents)
     baseline_of = baseline_agents(agents)
+    if not report_only:
+        check_arms(config, recipe, runs)
     failures: dict[str, str] = {}
     started, load_start = time.perf_counter(), _load_average()
     previous_handler = signal.signal(signal.SIGTERM, _raise_stop)
