@@ -8,6 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from ilr.compute import generated_tokens
 from ilr.configs import parse_recipe
 from ilr.rewards import REWARD_FUNCS
 from ilr.train import compute_matched_args, main
@@ -84,6 +85,8 @@ def test_grpo_baseline_trains_one_model_with_trl(tmp_path, tiny_model_a, caplog,
     trained, initial = load_file(f"{folders[0]}/model.safetensors"), load_file(f"{tiny_model_a}/model.safetensors")
     assert not torch.equal(trained["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
     assert ("compute_matched: 10 completions per question instead of 4" in caplog.text) == compute_matched
+    # The log history outlives the run with the tokens it generated, counted as ILR counts them (`ilr.compute`).
+    assert generated_tokens(tmp_path / "out", ["solo"])["solo"] > 0
 
 
 def test_the_baseline_never_writes_the_hub_token(tmp_path, tiny_model_a, monkeypatch):
