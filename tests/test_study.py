@@ -2,6 +2,9 @@
 (real training and evaluation subprocesses, real files) that skips its finished runs when run again."""
 
 import json
+import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from ilr.study import (
     run_study,
     summarize_study,
 )
+from ilr.testing import descendants_of, list_processes, start_child, stop_child, wait_until_gone
 from test_demo import _tiny_recipe as demo_tiny_recipe
 
 
@@ -273,3 +277,25 @@ def test_an_arm_with_a_bad_key_stops_the_study_before_any_run(tmp_path, tiny_mod
     with pytest.raises(StudyConfigError, match=r"arm 'bad'.*learning_rat"):
         run_study(load_study_config(config))
     assert not (tmp_path / "study" / "before").exists()  # nothing was evaluated or trained
+
+
+def test_sigterm_stops_the_running_child_and_ends_the_study_with_143(tmp_path, tiny_model_a):
+    config = _study_config(tmp_path, _tiny_recipe(tmp_path, tiny_model_a), ["grpo"])
+    run_dir = tmp_path / "study" / "runs" / "grpo" / "seed0" / "a"
+    study = start_child([sys.executable, "-m", "ilr.study", "--config", str(config)], tmp_path / "study.log")
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "train.log").is_file():  # evaluated the starting model, now training
+            assert study.poll() is None and time.monotonic() < deadline, (tmp_path / "study.log").read_text()
+            time.sleep(0.2)
+        children = set()
+        while not children and time.monotonic() < deadline:
+            children = descendants_of(study.pid, list_processes())
+            time.sleep(0.1)
+        study.send_signal(signal.SIGTERM)
+        assert study.wait(timeout=240) == 143, (tmp_path / "study.log").read_text()
+    finally:
+        stop_child(study)
+    left, _ = wait_until_gone(lambda: {pid: p for pid, p in list_processes().items() if pid in children}, 30)
+    assert children and not left
+    assert not (run_dir / DONE_NAME).exists() and "Study stopped (SIGTERM)" in (tmp_path / "study.log").read_text()
