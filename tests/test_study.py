@@ -279,6 +279,7 @@ def test_an_arm_with_a_bad_key_stops_the_study_before_any_run(tmp_path, tiny_mod
     assert not (tmp_path / "study" / "before").exists()  # nothing was evaluated or trained
 
 
+@pytest.mark.slow  # ~25 s of CPU: two more training and evaluation processes than the test above
 def test_sigterm_stops_the_running_child_and_ends_the_study_with_143(tmp_path, tiny_model_a):
     config = _study_config(tmp_path, _tiny_recipe(tmp_path, tiny_model_a), ["grpo"])
     run_dir = tmp_path / "study" / "runs" / "grpo" / "seed0" / "a"
