@@ -90,10 +90,11 @@ demo: $(TRAIN_STAMP) $(DEMO_MODEL)/model.safetensors  ## the offline demo that l
 	$(OFFLINE) $(PY) recipes/demo/run_demo.py --config $(DEMO_RECIPE) $(DEMO_ARGS)
 
 # ILR vs GRPO, compute-matched GRPO and three ILR ablations over seeds, each agent evaluated alone before and after;
-# resumable (run it again to continue). STUDY: a study config; STUDY_ARGS: e.g. --report_only, --seeds 0, --arms ...
+# resumable (run it again to continue). STUDY: a study config (the CPU one runs offline; GPU ones download their
+# models: set TRAIN_EXTRAS, e.g. dev,vllm); STUDY_ARGS: e.g. --report_only, --seeds 0, --arms ilr,grpo.
 STUDY ?= recipes/demo/study/study_smollm2_cpu.yaml
 study: $(TRAIN_STAMP) $(if $(findstring demo/,$(STUDY)),$(DEMO_MODEL)/model.safetensors)  ## ILR vs GRPO with ablations over seeds: table, plot, JSON
-	$(OFFLINE) $(VENV)/bin/ilr study --config $(STUDY) $(STUDY_ARGS)
+	$(if $(findstring demo/,$(STUDY)),$(OFFLINE)) $(VENV)/bin/ilr study --config $(STUDY) $(STUDY_ARGS)
 
 # BENCH_ARGS: e.g. --repeats 5, --quick, --profile; see benchmarks/README.md. One torch thread: both sides alike.
 bench: $(STAMP)  ## ILR vs plain TRL GRPO, time per generated token, side by side (CPU, ~3 min)
