@@ -65,8 +65,9 @@ def _study_config(tmp_path: Path, recipe: Path, arms: list[str], **extra) -> Pat
             "threads": 1,
             "n_resamples": 200,
             "evaluation": {
-                "benchmarks": ["arithmetic"],
-                "data_files": {"arithmetic": str(DEMO_DATA / "arithmetic_test.jsonl")},
+                "local_benchmarks": [
+                    {"data_files": str(DEMO_DATA / "arithmetic_test.jsonl"), "name": "arithmetic", "id_column": "id"}
+                ],
                 "limit": 3,
                 "max_new_tokens": 4,
                 "batch_size": 3,
@@ -251,8 +252,9 @@ def test_smollm2_learns_and_a_zero_learning_rate_control_does_not(tmp_path, monk
             "threads": 1,
             "n_resamples": 2000,
             "evaluation": {
-                "benchmarks": ["arithmetic"],
-                "data_files": {"arithmetic": "recipes/demo/data/arithmetic_test.jsonl"},
+                "local_benchmarks": [
+                    {"data_files": "recipes/demo/data/arithmetic_test.jsonl", "name": "arithmetic", "id_column": "id"}
+                ],
                 "max_new_tokens": 64,
                 "batch_size": 50,
             },

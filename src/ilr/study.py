@@ -189,9 +189,10 @@ def load_study_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
             f"{path}: the baseline arm {config.baseline!r} is not among the arms {list(config.arms)}."
         )
     set_by_study = sorted(set(config.evaluation) & set(_EVAL_KEYS_SET_BY_STUDY))
-    if set_by_study or not config.evaluation.get("benchmarks"):
+    if set_by_study or not (config.evaluation.get("benchmarks") or config.evaluation.get("local_benchmarks")):
         raise StudyConfigError(
-            f"{path}: `evaluation` needs `benchmarks` and must not set {set_by_study or _EVAL_KEYS_SET_BY_STUDY}: "
+            f"{path}: `evaluation` needs `benchmarks` (registered) or `local_benchmarks` (`ilr.data.local_benchmark` "
+            f"arguments) and must not set {set_by_study or _EVAL_KEYS_SET_BY_STUDY}: "
             "the study evaluates each model alone, in its own folder."
         )
     recipe = _read_recipe(config.recipe)
@@ -464,16 +465,15 @@ def _evaluate(
 
 
 def _evaluate_requests(path: str) -> int:
-    """The evaluation child: `python -m ilr.study _evaluate <requests.json>`, each an `EvalConfig`'s settings."""
-    from ilr.demo import DEMO_BENCHMARK, register_arithmetic_benchmark
-    from ilr.evaluate import EvalConfig, expand_benchmarks, run_evaluation
+    """The evaluation child: `python -m ilr.study _evaluate <requests.json>`, each an `EvalConfig`'s settings; a
+    request's `local_benchmarks` are [`~ilr.data.local_benchmark`] arguments (benchmarks in local files only)."""
+    from ilr.data import local_benchmark
+    from ilr.evaluate import EvalConfig, run_evaluation
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for request in json.loads(Path(path).read_text(encoding="utf-8")):
-        if DEMO_BENCHMARK in request["benchmarks"]:
-            register_arithmetic_benchmark()
-        request["benchmarks"] = expand_benchmarks(request["benchmarks"])  # `math_avg`: the paper's five
-        run_evaluation(EvalConfig(**request))
+        local = [local_benchmark(**spec) for spec in request.pop("local_benchmarks", [])]
+        run_evaluation(EvalConfig(**{**request, "benchmarks": [*request.get("benchmarks", []), *local]}))
     return 0
 
 
