@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from ilr.cli import main as cli_main
+from ilr.lifetime import start_child, stop_child
 from ilr.study import (
     ARMS,
     DONE_NAME,
@@ -23,7 +24,7 @@ from ilr.study import (
     run_study,
     summarize_study,
 )
-from ilr.testing import descendants_of, list_processes, start_child, stop_child, wait_until_gone
+from ilr.testing import descendants_of, list_processes, wait_until_gone
 from test_demo import _tiny_recipe as demo_tiny_recipe
 
 

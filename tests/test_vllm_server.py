@@ -23,8 +23,9 @@ pytest.importorskip("vllm", reason="vLLM is installed by `make test` on CPU mach
 
 from ilr.configs import AgentConfig, RecipeError, parse_recipe
 from ilr.generation import SamplingParams, build_backend
+from ilr.lifetime import start_child, stop_child
 from ilr.models import load_model
-from ilr.testing import free_port, start_child, stop_child
+from ilr.testing import free_port
 from test_vllm import NUM_QUESTIONS, build_tutor, read_records
 
 
@@ -235,7 +236,7 @@ def test_children_die_with_their_parent(tmp_path):
     script = tmp_path / "parent.py"
     script.write_text(
         "import sys, time\n"
-        "from ilr.testing import start_child\n"
+        "from ilr.lifetime import start_child\n"
         f"child = start_child(['sleep', '600'], __import__('pathlib').Path({str(tmp_path / 'child.log')!r}))\n"
         "print(child.pid, flush=True)\n"
         "time.sleep(600)\n"

@@ -10,16 +10,20 @@ whose parent is not its owner (a `forkserver` child's parent is the fork server)
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import select
 import signal
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 
-__all__ = ["exit_with", "process_start_time"]
+__all__ = ["exit_with", "process_start_time", "start_child", "stop_child"]
 
 _POLL_S = 0.5
+_PR_SET_PDEATHSIG = 1
 
 
 def process_start_time(pid: int) -> int | None:
@@ -117,3 +121,62 @@ def exit_with(pid: int, start_time: int | None = None) -> None:
     except ProcessLookupError:
         os._exit(0)  # the owner died before the watch began
     threading.Thread(target=_watch, args=(pid, start_time, pidfd), name="ilr-exit-with-owner", daemon=True).start()
+
+
+# Children started from the parent's side: the kernel ends them when the parent dies (PR_SET_PDEATHSIG, Linux).
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel sends it SIGKILL when the process that started it dies."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def start_child(
+    command: list[str], log: str | Path, env: dict[str, str] | None = None, *, append: bool = False
+) -> subprocess.Popen:
+    """
+    Start a child process that cannot outlive this one: SIGKILLed by the kernel when this process dies, however it
+    dies (`PR_SET_PDEATHSIG`, Linux), and in its own process group so that [`stop_child`] reaches its children too.
+
+    Args:
+        command (`list[str]`):
+            The program and its arguments.
+        log (`str` or `Path`):
+            File that receives its stdout and stderr.
+        env (`dict[str, str]`, *optional*):
+            Its environment; defaults to this process's.
+        append (`bool`, *optional*, defaults to `False`):
+            Add to `log` instead of replacing it (a resumed run keeps the output of the attempts before).
+
+    Returns:
+        `subprocess.Popen`: The child.
+    """
+    with open(log, "ab" if append else "wb") as out:
+        return subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+
+def stop_child(process: subprocess.Popen, grace: float = 20.0) -> None:
+    """
+    Stop a child of [`start_child`] and its process group: SIGTERM, then SIGKILL after `grace` seconds.
+
+    Args:
+        process (`subprocess.Popen`):
+            The child.
+        grace (`float`, *optional*, defaults to `20.0`):
+            Seconds it gets to exit after SIGTERM.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -364,7 +364,7 @@ def _child_env(config: StudyConfig) -> dict[str, str]:
 
 def _run_child(command: list[str], log: Path, config: StudyConfig) -> None:
     """Run one child to its end, its output appended to `log`; SIGTERM/SIGINT to the study stop it first."""
-    from ilr.testing import start_child, stop_child
+    from ilr.lifetime import start_child, stop_child
 
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
