@@ -97,7 +97,7 @@ study: $(TRAIN_STAMP) $(if $(findstring demo/,$(STUDY)),$(DEMO_MODEL)/model.safe
 	$(if $(findstring demo/,$(STUDY)),$(OFFLINE)) $(VENV)/bin/ilr study --config $(STUDY) $(STUDY_ARGS)
 
 # BENCH_ARGS: e.g. --repeats 5, --quick, --profile; see benchmarks/README.md. One torch thread: both sides alike.
-bench: $(STAMP)  ## ILR vs plain TRL GRPO, time per generated token, side by side (CPU, ~3 min)
+bench: $(STAMP)  ## ILR vs plain TRL GRPO and vs TRL doing the same work, side by side (CPU, ~6 min)
 	OMP_NUM_THREADS=1 $(OFFLINE) $(PY) benchmarks/bench_ilr.py --output_dir outputs/bench $(BENCH_ARGS)
 
 quality: $(STAMP)  ## lint and format check

@@ -3,17 +3,26 @@ r"""The cost of interaction, measured side by side: plain TRL GRPO steps vs ILR 
     python benchmarks/bench_ilr.py                      # default sizes, a few minutes on 2 CPU cores
     python benchmarks/bench_ilr.py --quick              # smoke run (seconds), as the test does
 
-One run measures three configurations on the same tiny random model (`ilr.testing.TINY_MODEL_A`, built on the fly;
-every ILR agent is a copy of it), with the same questions per step, group size, completion length, temperature,
-reward function, optimizer settings and number of torch threads:
+One run measures these configurations on the same model (default: the tiny random `ilr.testing.TINY_MODEL_A`, built
+on the fly; `--model` a local folder such as the demo's SmolLM2-135M; every ILR agent is a copy of it), with the same
+questions per step, group size, completion length, temperature, reward function, optimizer settings and threads:
 
-    trl_grpo   TRL's `GRPOTrainer` (CPU, fp32): one generation batch of Q x G completions and one optimizer step
-    ilr_m2     `ILRTrainer`, 2 agents, Idea3 in `cooperate` mode, calibration on, every stage trained (share,
-               analyse with G analyses, fuse): per step 3 stages x 2 agents generate Q x G completions each
-    ilr_m3     the same with 3 agents
+    trl_grpo      TRL's `GRPOTrainer` (CPU, fp32): one generation batch of Q x G completions and one optimizer step
+    ilr_m2        `ILRTrainer`, 2 agents, Idea3 in `cooperate` mode, calibration on, every stage trained (share,
+                  analyse with G analyses, fuse): per step 3 stages x 2 agents generate Q x G completions each
+    trl_same_m2   the same work as ilr_m2, done by TRL: every (stage, agent) batch of each ilr_m2 step replayed as
+                  one `GRPOTrainer` step with that batch's exact prompts (chat messages), G and completion length
+    ilr_m2_vllm   ilr_m2 on colocated vLLM engines (needs `--model`: vLLM cannot serve the tiny model; its lengths
+                  are not fixed, vLLM's sampler does not read `generation_kwargs`)
+    ilr_m3        ilr_m2 with 3 agents; trl_same_m3 its same-work replay
 
-The configurations are interleaved (repeat 1: trl, m2, m3; repeat 2: ...), each repeat a fresh trainer with
-`--warmup` untimed steps followed by `--steps` timed ones, so that drift of a shared machine hits all three alike.
+Two ratios answer two questions. ILR / trl_grpo in seconds per generated token is what the method costs: an analyse
+prompt carries every peer's idea, a fuse prompt every idea and analysis, so ILR processes ~20 prompt tokens per
+generated token where TRL processes ~3. ILR / trl_same in seconds per step is what our implementation costs on top of
+the work the method must do (target <= 1.10).
+
+The configurations are interleaved (repeat 1: trl, m2, its replay, m3, ...), each repeat a fresh trainer with
+`--warmup` untimed steps followed by `--steps` timed ones, so that drift of a shared machine hits all alike.
 
 Completions have a fixed length: `generation_kwargs={"min_new_tokens": max_completion_length}` masks the EOS until the
 limit, in TRL's generation config and in ILR's transformers backend alike (both read `generation_kwargs`). The tokens
@@ -31,13 +40,19 @@ What is timed:
 - Backend calls: every `generate` call into each agent's generation backend is counted per step; ILR must make
   exactly stages x agents of them (one batched call per stage and agent), TRL one `_generate_single_turn`.
 
-Results go to `<output_dir>/bench_ilr.json` and `<output_dir>/bench_ilr.md`; the table is printed.
+Where the time goes: per (stage, agent) batch, the prompt and generated tokens and generation seconds of ILR next to
+the replay's generation and update seconds for the same batch, each agent's update seconds (all its stages), the
+bytes each agent adds (parameters, gradients, optimizer state) and the process's peak RSS during each run.
+
+Results go to `<output_dir>/bench_ilr.json` and `<output_dir>/bench_ilr.md`; the tables are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import gc
 import json
 import os
 import platform
@@ -52,7 +67,10 @@ from typing import Any
 
 TARGET_RATIO = 1.15
 ILR_STAGES = ("share", "analyse", "fuse")
-CONFIGS = ("trl_grpo", "ilr_m2", "ilr_m3")
+CONFIGS = ("trl_grpo", "ilr_m2", "trl_same_m2", "ilr_m2_vllm", "ilr_m3", "trl_same_m3")
+SAME_WORK_TARGET = 1.10
+# ILR on colocated vLLM engines (the CPU build here): eager, as the tests run it; Idea3's fuse prompts are long.
+VLLM_SETTINGS = {"vllm_enforce_eager": True, "vllm_max_model_length": 4096}
 QUICK = {
     "repeats": 1,
     "steps": 1,
@@ -78,6 +96,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_generations", type=int, default=4, help="Group size G (and analyses per question).")
     parser.add_argument("--max_completion_length", type=int, default=16, help="New tokens per completion.")
     parser.add_argument("--num_questions_in_data", type=int, default=64, help="Rows of the toy training set.")
+    parser.add_argument(
+        "--model", default=None, help="A local model folder (e.g. the demo's SmolLM2); default: tiny model A, built."
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and OMP_NUM_THREADS) for every run.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -96,6 +117,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{key} must be >= 1 (got {getattr(args, key)}).")
     if args.num_generations < 2:
         parser.error(f"--num_generations must be >= 2, a GRPO group (got {args.num_generations}).")
+    if "ilr_m2_vllm" in args.configs and args.model is None:
+        parser.error("--configs ilr_m2_vllm needs --model: vLLM cannot serve the tiny model (head_dim 16).")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0 (got {args.warmup}).")
     return args
@@ -196,8 +219,14 @@ def _wrap(owner: Any, name: str, after: Callable[[Any, float], None]) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # The two trainers
 # ---------------------------------------------------------------------------------------------------------------------
-def run_trl(args: argparse.Namespace, model_path: str, workdir: str) -> list[dict[str, float]]:
-    """`--warmup` + `--steps` steps of TRL's `GRPOTrainer`; one record per step."""
+def run_trl(
+    args: argparse.Namespace,
+    model_path: str,
+    workdir: str,
+    settings: dict[str, Any] | None = None,
+    dataset: Any = None,
+) -> list[dict[str, float]]:
+    """`--warmup` + `--steps` steps of TRL's `GRPOTrainer` (or `settings`' steps over `dataset`); one record per step."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -216,8 +245,8 @@ def run_trl(args: argparse.Namespace, model_path: str, workdir: str) -> list[dic
     trainer = GRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_path),
         reward_funcs=digits_reward,
-        args=GRPOConfig(**grpo_settings(args, os.path.join(workdir, "trl"))),
-        train_dataset=add_prompt_column(Dataset.from_list(toy_rows(args.num_questions_in_data))),
+        args=GRPOConfig(**(settings or grpo_settings(args, os.path.join(workdir, "trl")))),
+        train_dataset=dataset or add_prompt_column(Dataset.from_list(toy_rows(args.num_questions_in_data))),
         processing_class=AutoTokenizer.from_pretrained(model_path),
         callbacks=[StepTimer()],
     )
@@ -241,9 +270,18 @@ def run_trl(args: argparse.Namespace, model_path: str, workdir: str) -> list[dic
 
 
 def run_ilr(
-    args: argparse.Namespace, model_path: str, workdir: str, num_agents: int, profiler: Any = None
-) -> list[dict[str, float]]:
-    """`--warmup` + `--steps` ILR steps with `num_agents` copies of the model; one record per step."""
+    args: argparse.Namespace,
+    model_path: str,
+    workdir: str,
+    num_agents: int,
+    profiler: Any = None,
+    replay: list[list] | None = None,
+    backend: str = "transformers",
+) -> list[dict[str, Any]]:
+    """
+    `--warmup` + `--steps` ILR steps with `num_agents` copies of the model; one record per step, with one entry per
+    (stage, agent) batch under `batches`. The batches' prompts are appended to `replay` when it is given.
+    """
     from datasets import Dataset
 
     from ilr.configs import AgentConfig, ILRConfig
@@ -257,7 +295,8 @@ def run_ilr(
         analysis_samples=args.num_generations,
         max_analysis_length=args.max_completion_length,
         calibration=True,
-        generation_backend="transformers",
+        generation_backend=backend,
+        **(VLLM_SETTINGS if backend == "vllm" else {}),
     )
     agents = [AgentConfig(model_name_or_path=model_path, name=f"agent{i + 1}") for i in range(num_agents)]
     trainer = ILRTrainer(
@@ -276,11 +315,23 @@ def run_ilr(
 
     for backend in trainer.backends:
         _wrap(backend, "generate", counted)
+    transcripts: list[Any] = []
+    _wrap(trainer, "interact", lambda transcript, seconds: transcripts.append(transcript))
+    update_agent = trainer.update_agent
+
+    def timed_update(agent_index: int, samples: list[Any]) -> dict[str, float]:
+        start = time.perf_counter()
+        metrics = update_agent(agent_index, samples)
+        probe.current["update_s_by_agent"][agent_index] = time.perf_counter() - start
+        return metrics
+
+    trainer.update_agent = timed_update
     expected_calls = len(ILR_STAGES) * num_agents
     for step in range(1, args.warmup + args.steps + 1):
         timed = step > args.warmup
         probe.begin()
         probe.current["backend_generated_tokens"] = 0
+        probe.current["update_s_by_agent"] = [0.0] * num_agents
         if profiler is not None and timed:
             profiler.enable()
         metrics = trainer.training_step(step)
@@ -292,12 +343,111 @@ def run_ilr(
         record["update_s"] = metrics["time/update"]
         record["generated_tokens"] = metrics["tokens/generated"]
         record["expected_calls"] = expected_calls
+        record["batches"] = stage_batches(transcripts.pop())
         if record["backend_generated_tokens"] != record["generated_tokens"]:
             raise RuntimeError(
                 f"ILR counted {record['generated_tokens']} generated tokens, its backends "
                 f"{record['backend_generated_tokens']}: the token accounting is broken."
             )
+    for record in probe.records:
+        for batch in record["batches"]:
+            batch_prompts = batch.pop("prompts")  # kept out of the JSON report
+            if replay is not None:
+                replay.append(batch_prompts)
+    for backend in trainer.backends:
+        backend.close()  # a vLLM engine holds its KV cache (and its engine process) until closed
+    agent_state_mb = [
+        state_megabytes(model, optimizer) for model, optimizer in zip(trainer.models, trainer.optimizers)
+    ]
+    for record in probe.records:
+        record["agent_state_mb"] = agent_state_mb
     return probe.records
+
+
+def state_megabytes(model: Any, optimizer: Any) -> float:
+    """Parameters, gradients and optimizer state of one model, in MB: what each agent adds to the process."""
+    import torch
+
+    tensors = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None)]
+    tensors += [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 1e6
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM); a no-op elsewhere."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float | None:
+    """The process's peak resident memory since the last `reset_peak_rss`, in MB (Linux), else `None`."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    line = next((line for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return int(line.split()[1]) / 1e3 if line else None
+
+
+def stage_batches(transcript: Any) -> list[dict[str, Any]]:
+    """One entry per (stage, agent) `generate` call of an ILR step: its prompts, group size and token/time usage."""
+    batches = []
+    for stage in transcript.stages:
+        for agent, groups in enumerate(transcript.groups[stage]):
+            usage = transcript.usage[stage][agent]
+            batches.append(
+                {
+                    "stage": stage,
+                    "agent": agent,
+                    "prompts": [group.prompt for group in groups],
+                    "num_generations": groups[0].num_samples,
+                    "prompt_tokens": sum(len(g.prompt_ids) * g.num_samples for g in groups),
+                    "generated_tokens": usage.generated_tokens,
+                    "generation_s": usage.seconds,
+                }
+            )
+    return batches
+
+
+def run_trl_same_work(
+    args: argparse.Namespace, model_path: str, workdir: str, ilr_records: list[dict[str, Any]], prompts: list[list]
+) -> list[dict[str, float]]:
+    """
+    The same work as the ILR run of `ilr_records`, done by TRL's `GRPOTrainer`: one generation + update per (stage,
+    agent) batch of every ILR step, with that batch's exact prompts (chat messages), group size and completion length.
+
+    Returns one record per ILR step (its batches' TRL steps summed) and keeps the per-batch records under `batches`.
+    """
+    batches = [batch for record in ilr_records for batch in record["batches"]]
+    shapes = {(len(batch_prompts), batch["num_generations"]) for batch, batch_prompts in zip(batches, prompts)}
+    if len(shapes) != 1:
+        raise RuntimeError(f"ILR batches of different shapes {sorted(shapes)}: one TRL trainer cannot replay them.")
+    (num_prompts, group_size) = shapes.pop()
+    from datasets import Dataset
+
+    rows = [{"prompt": prompt} for batch_prompts in prompts for prompt in batch_prompts]
+    settings = {
+        **grpo_settings(args, workdir),
+        "num_generations": group_size,
+        "generation_batch_size": num_prompts * group_size,
+        "per_device_train_batch_size": num_prompts * group_size,
+        "max_steps": len(batches),
+        "logging_steps": len(batches),
+        "shuffle_dataset": False,  # TRL step k replays ILR batch k
+    }
+    steps = run_trl(args, model_path, workdir, settings=settings, dataset=Dataset.from_list(rows))
+    per_step = len(ilr_records[0]["batches"])
+    records = []
+    for index, ilr_record in enumerate(ilr_records):
+        own = steps[index * per_step : (index + 1) * per_step]
+        record = {key: sum(step[key] for step in own) for key in own[0] if key != "expected_calls"}
+        record["expected_calls"] = per_step
+        record["batches"] = [
+            {"stage": batch["stage"], "agent": batch["agent"], **step}
+            for batch, step in zip(ilr_record["batches"], own)
+        ]
+        records.append(record)
+    return records
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -334,6 +484,7 @@ def summarise(runs: list[list[dict[str, float]]], warmup: int) -> dict[str, Any]
         "calls_per_step": calls,
         "expected_calls_per_step": expected,
         "calls_ok": calls == [expected],
+        "per_repeat_step_s": [statistics.median(r["step_s"] for r in run) for run in timed_runs],
         "per_repeat_seconds_per_token": [
             statistics.median(r["step_s"] / max(r["generated_tokens"], 1) for r in run) for run in timed_runs
         ],
@@ -357,11 +508,55 @@ def add_ratios(results: dict[str, dict[str, Any]]) -> None:
         summary["ratio_vs_trl_range"] = [min(per_repeat), max(per_repeat)]
 
 
+def add_same_work_ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """ILR / same-work TRL in seconds per step: of the medians, and per repeat (each ILR run against its replay)."""
+    ratios = {}
+    for name, summary in results.items():
+        same = results.get(f"trl_same_{name.removeprefix('ilr_')}") if name.startswith("ilr_") else None
+        if same is None:
+            continue
+        summary["ratio_vs_same_work"] = ratios[name] = summary["step_s"]["median"] / same["step_s"]["median"]
+        per_repeat = [own / base for own, base in zip(summary["per_repeat_step_s"], same["per_repeat_step_s"])]
+        summary["ratio_vs_same_work_range"] = [min(per_repeat), max(per_repeat)]
+    return ratios
+
+
+def stage_table(results: dict[str, dict[str, Any]]) -> str:
+    """Where the time goes: per (stage, agent) batch, medians over the timed steps, ILR next to its same-work replay."""
+    header = (
+        "| config | stage | agent | prompt tokens | gen. tokens | generation s | TRL replay: generation / update s | "
+        "ILR update s (agent, all stages) | agent state MB | peak RSS MB (process) |"
+    )
+    lines = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
+    for name, summary in results.items():
+        if not name.startswith("ilr_"):
+            continue
+        steps = summary["steps"]
+        same = results.get(f"trl_same_{name.removeprefix('ilr_')}")
+        for index, batch in enumerate(steps[0]["batches"]):
+            agent = batch["agent"]
+
+            def median(records: list[dict[str, Any]], key: str, index: int = index) -> float:
+                return statistics.median(record["batches"][index][key] for record in records)
+
+            replay = "n/a"
+            if same is not None:
+                replay = f"{median(same['steps'], 'generation_s'):.3f} / {median(same['steps'], 'update_s'):.3f}"
+            update = statistics.median(record["update_s_by_agent"][agent] for record in steps)
+            rss = summary["peak_rss_mb"]
+            lines.append(
+                f"| {name} | {batch['stage']} | {agent + 1} | {median(steps, 'prompt_tokens'):.0f} "
+                f"| {median(steps, 'generated_tokens'):.0f} | {median(steps, 'generation_s'):.3f} | {replay} "
+                f"| {update:.3f} | {steps[0]['agent_state_mb'][agent]:.1f} | {'n/a' if rss is None else f'{rss:.0f}'} |"
+            )
+    return "\n".join(lines)
+
+
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     header = (
         "| config | step s, median [IQR] | gen. tokens/step | prompt tokens/step | gen. tokens/s | "
         "generation / scoring / update s | backend calls/step (expected) | ms per gen. token | ILR/TRL s per token "
-        "[min-max over repeats] |"
+        "[min-max over repeats] | ILR/same-work TRL s per step [min-max] | peak RSS MB |"
     )
     lines = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
     for name, s in results.items():
@@ -373,13 +568,18 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
         if "ratio_vs_trl" in s:
             low, high = s["ratio_vs_trl_range"]
             ratio = f"{s['ratio_vs_trl']:.2f} [{low:.2f}-{high:.2f}]"
+        same_work = "n/a"
+        if "ratio_vs_same_work" in s:
+            low, high = s["ratio_vs_same_work_range"]
+            same_work = f"{s['ratio_vs_same_work']:.2f} [{low:.2f}-{high:.2f}]"
+        rss = "n/a" if s.get("peak_rss_mb") is None else f"{s['peak_rss_mb']:.0f}"
         lines.append(
             f"| {name} | {step['median']:.3f} [{step['q1']:.3f}-{step['q3']:.3f}] "
             f"| {s['generated_tokens_per_step']['median']:.0f} | {s['prompt_tokens_per_step']['median']:.0f} "
             f"| {s['tokens_per_s']['median']:.0f} "
             f"| {split['generation']:.3f} / {split['scoring']:.3f} / {split['update']:.3f} "
             f"| {calls} ({s['expected_calls_per_step']}){flag} "
-            f"| {1000 * s['seconds_per_token']['median']:.3f} | {ratio} |"
+            f"| {1000 * s['seconds_per_token']['median']:.3f} | {ratio} | {same_work} | {rss} |"
         )
     return "\n".join(lines)
 
@@ -402,6 +602,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(name, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine; unset, each claims most of the memory
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch only if it is not imported yet
     import datasets
     import torch
@@ -419,24 +620,42 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         profiler = cProfile.Profile()
 
-    runs: dict[str, list[list[dict[str, float]]]] = {name: [] for name in args.configs}
+    configs = [name for name in CONFIGS if name in args.configs]  # a same-work replay follows its ILR run
+    runs: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in configs}
+    peak_rss: dict[str, list[float | None]] = {name: [] for name in configs}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_ilr_") as workdir:
-        model_path = build_tiny_model(TINY_MODEL_A, os.path.join(workdir, "tiny_model_a")).path
+        model_path = args.model or build_tiny_model(TINY_MODEL_A, os.path.join(workdir, "tiny_model_a")).path
         for repeat in range(args.repeats):
-            for name in args.configs:
+            replays: dict[str, list[list]] = {}
+            for name in configs:
                 run_started = time.perf_counter()
                 run_dir = os.path.join(workdir, f"{name}_{repeat}")
+                gc.collect()
+                reset_peak_rss()
                 if name == "trl_grpo":
-                    runs[name].append(run_trl(args, model_path, run_dir))
+                    records = run_trl(args, model_path, run_dir)
+                elif name == "ilr_m2_vllm":
+                    records = run_ilr(args, model_path, run_dir, 2, profiler, backend="vllm")
+                elif name.startswith("ilr_"):
+                    replays[name] = [] if f"trl_same_{name[4:]}" in configs else None
+                    records = run_ilr(args, model_path, run_dir, int(name[-1]), profiler, replays[name])
                 else:
-                    runs[name].append(run_ilr(args, model_path, run_dir, int(name[-1]), profiler))
+                    ilr_name = f"ilr_{name.removeprefix('trl_same_')}"
+                    records = run_trl_same_work(args, model_path, run_dir, runs[ilr_name][-1], replays[ilr_name])
+                runs[name].append(records)
+                peak_rss[name].append(peak_rss_mb())
                 seconds = time.perf_counter() - run_started
                 print(f"repeat {repeat + 1}/{args.repeats} {name}: {seconds:.1f} s", file=sys.stderr, flush=True)
 
     results = {name: summarise(name_runs, args.warmup) for name, name_runs in runs.items()}
+    for name, summary in results.items():
+        summary["peak_rss_mb"] = max((mb for mb in peak_rss[name] if mb is not None), default=None)
     add_ratios(results)
-    ratios = {name: s["ratio_vs_trl"] for name, s in results.items() if name != "trl_grpo" and "ratio_vs_trl" in s}
+    same_work = add_same_work_ratios(results)
+    ratios = {
+        name: s["ratio_vs_trl"] for name, s in results.items() if name.startswith("ilr_") and "ratio_vs_trl" in s
+    }
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
@@ -451,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "settings": {
             **{key: value for key, value in vars(args).items() if key not in ("output_dir",)},
-            "model": TINY_MODEL_A.name,
+            "model": args.model or TINY_MODEL_A.name,
             "ilr_stages": list(ILR_STAGES),
             "interaction_mode": "cooperate",
             "calibration": True,
@@ -460,6 +679,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "target_ratio": TARGET_RATIO,
         "ratios_vs_trl": ratios,
         "target_met": bool(ratios) and all(ratio <= TARGET_RATIO for ratio in ratios.values()),
+        "same_work_target_ratio": SAME_WORK_TARGET,
+        "ratios_vs_same_work": same_work,
+        "same_work_target_met": bool(same_work) and all(ratio <= SAME_WORK_TARGET for ratio in same_work.values()),
         "calls_ok": all(s["calls_ok"] for s in results.values()),
         "configs": results,
     }
@@ -474,11 +696,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"G={settings['num_generations']}, {settings['max_completion_length']} new tokens, "
         f"{settings['repeats']} repeats x {settings['steps']} steps (+{settings['warmup']} warm-up)"
     )
-    (output_dir / "bench_ilr.md").write_text(f"{caption}\n\n{table}\n", encoding="utf-8")
+    stages = stage_table(results)
+    (output_dir / "bench_ilr.md").write_text(f"{caption}\n\n{table}\n\n{stages}\n", encoding="utf-8")
     print(caption)
     print(table)
+    print(stages)
     verdict = "met" if report["target_met"] else "MISSED"
-    print(f"Target ILR/TRL <= {TARGET_RATIO} s per generated token: {verdict} ({ratios}).")
+    print(f"Method cost, ILR/TRL s per generated token (target <= {TARGET_RATIO}): {verdict} ({ratios}).")
+    if same_work:
+        verdict = "met" if report["same_work_target_met"] else "MISSED"
+        print(
+            f"Implementation cost, ILR/same-work TRL s per step (target <= {SAME_WORK_TARGET}): {verdict} ({same_work})."
+        )
     if profiler is not None:
         import pstats
 

@@ -32,10 +32,11 @@ def restore_threads(monkeypatch):
 
 def test_bench_ilr_quick_measures_trl_and_ilr_side_by_side(tmp_path, restore_threads):
     bench = load_script("bench_ilr")
-    report = bench.main(["--quick", "--output_dir", str(tmp_path)])
+    configs = ["trl_grpo", "ilr_m2", "trl_same_m2", "ilr_m3"]  # trl_same_m3 is trl_same_m2's code with 3 agents
+    report = bench.main(["--quick", "--output_dir", str(tmp_path), "--configs", *configs])
 
     written = json.loads((tmp_path / "bench_ilr.json").read_text())
-    assert written["configs"].keys() == {"trl_grpo", "ilr_m2", "ilr_m3"}
+    assert list(written["configs"]) == configs
     settings = written["settings"]
     completions = settings["questions"] * settings["num_generations"]
     for name, agents, stages in (("trl_grpo", 1, 1), ("ilr_m2", 2, 3), ("ilr_m3", 3, 3)):
@@ -51,6 +52,17 @@ def test_bench_ilr_quick_measures_trl_and_ilr_side_by_side(tmp_path, restore_thr
         split = summary["time_split_s"]
         assert split["generation"] > 0 and split["update"] > 0 and split["scoring"] >= 0
         assert summary["ratio_vs_trl"] > 0
+    # The same-work replay: TRL processed exactly the ILR step's prompts and generated tokens, batch by batch.
+    ilr, same = written["configs"]["ilr_m2"], written["configs"]["trl_same_m2"]
+    assert same["calls_per_step"] == [2 * 3] and same["calls_ok"]
+    for ilr_step, same_step in zip(ilr["steps"], same["steps"], strict=True):
+        assert same_step["prompt_tokens"] == ilr_step["prompt_tokens"]
+        assert same_step["generated_tokens"] == ilr_step["generated_tokens"]
+        ilr_batches = [(b["stage"], b["agent"], b["prompt_tokens"]) for b in ilr_step["batches"]]
+        assert ilr_batches == [(b["stage"], b["agent"], b["prompt_tokens"]) for b in same_step["batches"]]
+        assert {batch["stage"] for batch in ilr_step["batches"]} == set(bench.ILR_STAGES)
+    assert set(written["ratios_vs_same_work"]) == {"ilr_m2"} and ilr["ratio_vs_same_work"] > 0
+    assert ilr["peak_rss_mb"] > 0 and all(mb > 0 for mb in ilr["steps"][0]["agent_state_mb"])
     assert written["configs"]["trl_grpo"]["ratio_vs_trl"] == pytest.approx(1.0)
     assert set(written["ratios_vs_trl"]) == {"ilr_m2", "ilr_m3"}
     assert written["target_met"] == all(r <= bench.TARGET_RATIO for r in written["ratios_vs_trl"].values())
@@ -58,7 +70,9 @@ def test_bench_ilr_quick_measures_trl_and_ilr_side_by_side(tmp_path, restore_thr
 
     table = (tmp_path / "bench_ilr.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| config")]
-    assert [row.split("|")[1].strip() for row in rows] == ["trl_grpo", "ilr_m2", "ilr_m3"]
+    assert [row.split("|")[1].strip() for row in rows if row.count("|") == 12] == configs
+    stage_rows = [row.split("|")[1:4] for row in rows if row.count("|") == 11]
+    assert [(c.strip(), s.strip()) for c, s, _ in stage_rows].count(("ilr_m2", "analyse")) == 2
 
 
 def test_bench_ilr_rejects_a_group_of_one():
