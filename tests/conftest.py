@@ -136,6 +136,37 @@ def _seed_rngs() -> None:
         sys.modules["torch"].manual_seed(SEED)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on 2 shared cores, torch's default intra-op threads fight with every other
+    process, and one thread is much faster."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+_isolation_of_mode: dict[str, str] = {}
+
+
+@pytest.fixture(params=["auto", "process"])
+def isolation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a sandbox test with the machine's best isolation, then again with the forced `process` fallback; the value
+    is the isolation a run gets there (e.g. `"namespace+uid"`). The test module must allow execution."""
+    from ilr import sandbox
+
+    if request.param == "process":
+        monkeypatch.setenv(sandbox.ISOLATION_ENV_VAR, "process")
+    else:
+        monkeypatch.delenv(sandbox.ISOLATION_ENV_VAR, raising=False)
+    if request.param not in _isolation_of_mode:
+        limits = sandbox.SandboxLimits(timeout_s=10.0)
+        _isolation_of_mode[request.param] = sandbox.run_tests("pass", ["assert True"], limits=limits).isolation
+    return _isolation_of_mode[request.param]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_a_info(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     """Tiny Llama (hidden 64, tied embeddings) with a ChatML tokenizer of 512 ids; built once per run."""

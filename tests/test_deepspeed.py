@@ -72,7 +72,7 @@ def trainer_in(output_dir):
 
 
 trainer = trainer_in(folder / "straight")
-assert trainer.is_deepspeed and len({{id(a) for a in trainer.agent_accelerators}}) == 2
+assert trainer.is_deepspeed and len({{id(r.engine_accelerator) for r in trainer.runtimes}}) == 2
 trainer.train()
 trainer.save_models()
 result = {{"engines": [type(model).__name__ for model in trainer.models],

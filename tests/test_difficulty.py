@@ -9,31 +9,33 @@ import numpy as np
 import pytest
 
 from ilr.difficulty import (
-    CACHE_KEY_FIELDS,
     IRTEstimate,
     abilities_from_accuracy,
     ability_from_accuracy,
     cooperate_fraction,
     fill_missing_ratings,
     fit_1pl,
-    irt_cache_key,
-    irt_cache_path,
-    irt_key_fields,
     irt_probability,
-    load_irt,
     needs_irt,
     parse_self_rank,
     pass_rate_estimate,
-    pass_rate_prepass,
-    save_irt,
     select_modes,
     self_rank_difficulty,
     self_rank_estimate,
-    self_rank_prepass,
     update_ability,
     zscore_ratings,
 )
 from ilr.generation import Completion, GenerationOutput, SamplingParams
+from ilr.irt import (
+    CACHE_KEY_FIELDS,
+    irt_cache_key,
+    irt_cache_path,
+    irt_key_fields,
+    load_irt,
+    pass_rate_prepass,
+    save_irt,
+    self_rank_prepass,
+)
 from ilr.prompts import render
 
 
@@ -430,7 +432,7 @@ def test_cache_of_other_agents_is_not_reused(tmp_path, caplog):
     key_fields = _key_fields()
     path = irt_cache_path(tmp_path, key_fields)
     save_irt(path, _estimate(), _key_fields(agents=[("org/other", "x"), ("org/model-b", None)]))
-    with caplog.at_level(logging.WARNING, logger="ilr.difficulty"):
+    with caplog.at_level(logging.WARNING, logger="ilr.irt"):
         assert load_irt(path, key_fields) is None
     assert "other agents" in caplog.text
 
@@ -453,7 +455,7 @@ def test_cache_of_other_agents_is_not_reused(tmp_path, caplog):
 def test_corrupt_cache_warns_and_returns_none(tmp_path, caplog, content):
     path = tmp_path / "irt.json"
     path.write_bytes(content)
-    with caplog.at_level(logging.WARNING, logger="ilr.difficulty"):
+    with caplog.at_level(logging.WARNING, logger="ilr.irt"):
         assert load_irt(path) is None
     assert "Ignoring unreadable IRT cache" in caplog.text
 
@@ -487,7 +489,7 @@ def test_self_rank_prepass_one_call_per_agent(caplog):
     questions = ["What is 1+1?", "Prove Fermat's last theorem.", "Solve $x^2 = 4$."]
     backend_a = ScriptedBackend("a", [["Difficulty: 1"], ["Difficulty: 10"], ["I'd rate it 4/10"]])
     backend_b = ScriptedBackend("b", [["**2**"], ["no idea"], ["Difficulty: 5"]])
-    with caplog.at_level(logging.INFO, logger="ilr.difficulty"):
+    with caplog.at_level(logging.INFO, logger="ilr.irt"):
         ratings = self_rank_prepass(questions, [backend_a, backend_b])
     assert len(backend_a.calls) == 1 and len(backend_b.calls) == 1
     prompts, params = backend_a.calls[0]
@@ -510,7 +512,7 @@ def test_pass_rate_prepass_counts_correct_answers(caplog):
         # Exact match; "bad" cannot be scored (None counts as wrong).
         return [None if text == "bad" else float(text == gold) for text, gold in zip(completions, gold_answers)]
 
-    with caplog.at_level(logging.WARNING, logger="ilr.difficulty"):
+    with caplog.at_level(logging.WARNING, logger="ilr.irt"):
         correct = pass_rate_prepass(
             [[{"role": "user", "content": q}] for q in questions], golds, [backend_a, backend_b], 3, score_fn=score_fn
         )

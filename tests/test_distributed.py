@@ -26,7 +26,8 @@ from datasets import Dataset
 from test_trainer import digits_reward, make_args, toy_rows
 from ilr.configs import AgentConfig
 from ilr.train import end_process
-from ilr.trainer import ILRTrainer, StepRewards
+from ilr.scoring import StepRewards
+from ilr.trainer import ILRTrainer
 
 output_dir, model_a, model_b = sys.argv[1:4]
 args = make_args(

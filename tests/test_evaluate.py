@@ -467,7 +467,8 @@ def test_each_agent_is_scored_on_its_own_final_answers(tmp_path, arithmetic, pai
 def test_idea3_modes_default_to_cooperate_or_follow_mode_or_the_irt_rule(
     tmp_path, arithmetic, pair_recipe, tiny_tokenizer
 ):
-    from ilr.difficulty import IRTEstimate, save_irt
+    from ilr.difficulty import IRTEstimate
+    from ilr.irt import save_irt
 
     def modes(out: str, **kwargs) -> dict[tuple[str, str], str]:
         config = config_for(

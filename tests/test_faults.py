@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from ilr.checkpoints import TMP_CHECKPOINT_PREFIX, TRAINER_STATE_NAME, latest_checkpoint
 from ilr.configs import AgentConfig, parse_recipe
 from ilr.generation import GenerationBackend, GenerationError, SamplingParams, TransformersBackend
 from ilr.models import load_tokenizer
 from ilr.rewards import REWARD_FUNCS
 from ilr.testing import assert_session_ends, processes_of_session
-from ilr.trainer import TMP_CHECKPOINT_PREFIX, TRAINER_STATE_NAME, latest_checkpoint
 from test_trainer import RUNNER, TESTS_DIR, _final_weights, _kill_recipe, digits_reward, make_trainer
 
 
@@ -34,14 +34,6 @@ def runner(tmp_path, monkeypatch, one_thread) -> Path:
     path = tmp_path / "runner.py"
     path.write_text(RUNNER.format(tests_dir=str(TESTS_DIR)))
     return path
-
-
-@pytest.fixture
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _start(runner: Path, recipe: Path, output_dir: Path, *extra: str, delay: str = "0.3") -> subprocess.Popen:

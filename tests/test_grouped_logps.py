@@ -7,10 +7,11 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-import ilr.grpo
+import ilr.update
 from ilr.configs import AgentConfig
-from ilr.grpo import grouped_per_token_logps, per_token_logps, supports_grouped_logps
-from ilr.trainer import ILRTrainer, TrainingSample, collate_samples
+from ilr.logps import grouped_per_token_logps, per_token_logps, supports_grouped_logps
+from ilr.samples import TrainingSample, collate_samples
+from ilr.trainer import ILRTrainer
 from test_trainer import digits_reward, make_args, toy_rows
 
 
@@ -19,14 +20,6 @@ TEMPERATURE = 0.7
 PROMPT_LENGTHS = (7, 12, 3)
 GROUP_SIZES = [3, 2, 4]
 COMPLETION_WIDTH = 6
-
-
-@pytest.fixture
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _grouped_inputs(vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -215,8 +208,8 @@ def test_update_with_shared_prompts_gives_the_weights_of_the_full_rows(
     advantages, _ = grouped.compute_advantages(grouped.calibrate(rewards), rewards)
 
     calls = []
-    original = ilr.grpo.grouped_per_token_logps
-    monkeypatch.setattr(ilr.grpo, "grouped_per_token_logps", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = ilr.update.grouped_per_token_logps
+    monkeypatch.setattr(ilr.update, "grouped_per_token_logps", lambda *a, **k: calls.append(1) or original(*a, **k))
     for agent_index in (0, 1):
         samples = grouped.build_samples(transcript, agent_index, advantages, 1)
         keys = [(sample.stage, sample.question) for sample in samples]

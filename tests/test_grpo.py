@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from ilr.grpo import LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss, nanstd, per_token_logps
+from ilr.grpo import LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss, nanstd
+from ilr.logps import per_token_logps
 
 
 NAN = math.nan
@@ -484,7 +485,7 @@ DAPO_WINDOWS_DIFFER = pytest.mark.xfail(
 def test_update_window_matches_trl_training_step(
     tiny_model_a, tiny_model_a_info, tmp_path, loss_type, num_windows, num_iterations
 ):
-    """`ILRTrainer.update_agent` on 8 samples in four micro-batches of 2, in one accumulation window or two, trained
+    """`ilr.update.grpo_update` (`ILRTrainer.update_agent`) on 8 samples in four micro-batches of 2, in one accumulation window or two, trained
     `num_iterations` times, against TRL's `GRPOTrainer.train()` on the same samples with the same settings (one
     generation batch of four micro-batches): gradients before and after clipping at every optimizer step, the grad
     norm, and the weights after the last step. Every step after the first trains on old log-probs of the weights
@@ -492,7 +493,9 @@ def test_update_window_matches_trl_training_step(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ilr.configs import AgentConfig, ILRConfig
-    from ilr.trainer import ILRTrainer, TrainingSample
+    from ilr.runtime import AgentRuntime, build_accelerator, build_optimizer, build_scheduler
+    from ilr.samples import TrainingSample
+    from ilr.update import grpo_update
 
     settings = {
         "per_device_train_batch_size": 2,
@@ -546,9 +549,8 @@ def test_update_window_matches_trl_training_step(
         for q, k in order
     ]
 
-    # The parts of an `ILRTrainer` that `update_agent` reads, built by its own methods (no generation backends).
-    trainer = object.__new__(ILRTrainer)
-    trainer.args = ILRConfig(
+    # The agent's runtime that the update reads, built by the trainer's own builders (no generation backend).
+    args = ILRConfig(
         output_dir=str(tmp_path / "ilr"),
         use_cpu=True,
         bf16=False,
@@ -557,17 +559,21 @@ def test_update_window_matches_trl_training_step(
         generation_batch_size=8,
         **settings,
     )
-    trainer.agents = [AgentConfig(model_name_or_path=tiny_model_a, name="a")]
-    trainer.accelerator = trainer._build_accelerator()
+    agent = AgentConfig(model_name_or_path=tiny_model_a, name="a")
+    accelerator = build_accelerator(args, [agent])
     model = AutoModelForCausalLM.from_pretrained(tiny_model_a, dtype=torch.float32)
     model.train()
-    trainer.models = [model]
-    trainer.tokenizers = [AutoTokenizer.from_pretrained(tiny_model_a)]
-    trainer.optimizers = [trainer._build_optimizer(0)]
-    trainer.num_training_steps, trainer.optimizer_steps_per_step = 1, num_steps
-    trainer.schedulers = [trainer._build_scheduler(trainer.optimizers[0])]
-    records = _record_clipping(trainer.accelerator, model)
-    metrics = trainer.update_agent(0, samples)
+    model, optimizer = build_optimizer(model, agent, args, accelerator)
+    runtime = AgentRuntime(
+        agent=agent,
+        accelerator=accelerator,
+        model=model,
+        tokenizer=AutoTokenizer.from_pretrained(tiny_model_a),
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, args, total_steps=num_steps),
+    )
+    records = _record_clipping(accelerator, model)
+    metrics = grpo_update(runtime, samples, args)
 
     assert len(records) == len(trl_records) == num_steps
     for step, (record, trl_record) in enumerate(zip(records, trl_records)):

@@ -357,7 +357,7 @@ def test_offline_pushes_fail_at_once_without_contacting_the_hub(hub_online, api,
 
 
 def test_ignore_patterns_are_a_parameter_and_the_defaults_match_the_trainer(hub_online, api, run_dir):
-    from ilr.trainer import DEEPSPEED_CHECKPOINT_TAG, OPTIMIZER_NAME, RNG_STATE_NAME, SCHEDULER_NAME
+    from ilr.checkpoints import DEEPSPEED_CHECKPOINT_TAG, OPTIMIZER_NAME, RNG_STATE_NAME, SCHEDULER_NAME
 
     for name in (OPTIMIZER_NAME, SCHEDULER_NAME, RNG_STATE_NAME):
         assert name in DEFAULT_PUSH_IGNORE_PATTERNS and f"*/{name}" in DEFAULT_PUSH_IGNORE_PATTERNS

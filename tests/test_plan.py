@@ -142,7 +142,7 @@ STEP_SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
-    from ilr.grpo import per_token_logps
+    from ilr.logps import per_token_logps
 
     torch.set_num_threads(1)
     settings, rows, length, completion = json.loads(sys.argv[1])

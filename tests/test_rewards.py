@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import math_verify
 import pytest
 
-from ilr import rewards
+from ilr import rewards, worker_pool
 from ilr.machine import available_cores
 from ilr.rewards import (
     MATH_SCORING,
@@ -489,31 +489,31 @@ def test_worker_stuck_in_c_is_killed():
     # pbkdf2 runs in C without checking signals, so the worker's SIGALRM cannot stop it: the parent kills the worker.
     stall = functools.partial(hashlib.pbkdf2_hmac, "sha256", b"pw", b"salt")
     start = time.monotonic()
-    out = rewards._run_pool(stall, [1, 10**9, 2, 3], timeout_s=0.3)
-    assert time.monotonic() - start < rewards._kill_after(0.3) + 8
+    out = worker_pool.run_pool(stall, [1, 10**9, 2, 3], timeout_s=0.3)
+    assert time.monotonic() - start < worker_pool.kill_after(0.3) + 8
     assert [status for status, _, _ in out] == ["ok", "timeout", "ok", "ok"]
     assert out[0][1] == hashlib.pbkdf2_hmac("sha256", b"pw", b"salt", 1)
     assert score_one(r"\boxed{6}", "6") == 1.0  # a fresh pool took over
 
 
 def test_worker_crash_gives_none():
-    out = rewards._run_pool(os._exit, [3])
+    out = worker_pool.run_pool(os._exit, [3])
     assert out[0][0] == "crash" and out[0][1] is None
     assert score_one(r"\boxed{6}", "6") == 1.0
 
 
 def test_workers_that_cannot_start_fall_back_inline(monkeypatch, caplog):
     shutdown_reward_pool()
-    monkeypatch.setattr(rewards, "_init_worker", os.getpid)  # called with two arguments: every worker fails to start
+    monkeypatch.setattr(worker_pool, "_init_worker", os.getpid)  # called with arguments: every worker fails to start
     try:
         assert score_math([r"\boxed{6}", r"\boxed{7}"], ["6", "6"]) == [1.0, 0.0]
         assert "fail to start" in caplog.text
-        assert rewards._pool_unavailable
+        assert worker_pool._pool_unavailable
     finally:
         monkeypatch.undo()
         shutdown_reward_pool()
-    assert not rewards._pool_unavailable
-    assert {pid for _, _, pid in rewards._run_pool(abs, [1, 2])} != {os.getpid()}
+    assert not worker_pool._pool_unavailable
+    assert {pid for _, _, pid in worker_pool.run_pool(abs, [1, 2])} != {os.getpid()}
 
 
 @pytest.mark.skipif(available_cores() < 2, reason="needs at least 2 cores")

@@ -40,16 +40,6 @@ def _allow_execution(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ALLOW_ENV_VAR, "1")
 
 
-@pytest.fixture(params=["auto", "process"])
-def isolation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with the machine's best isolation and again with the forced `process` fallback."""
-    if request.param == "process":
-        monkeypatch.setenv(sandbox.ISOLATION_ENV_VAR, "process")
-    else:
-        monkeypatch.delenv(sandbox.ISOLATION_ENV_VAR, raising=False)
-    return sandbox.sandbox_isolation()
-
-
 def _isolation_of_a_run() -> str:
     return run_tests("pass", ["assert True"], limits=FAST).isolation
 

@@ -133,21 +133,6 @@ def _allow_execution(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ALLOW_ENV_VAR, "1")
 
 
-_isolation_of_mode: dict[str, str] = {}
-
-
-@pytest.fixture(params=["auto", "process"])
-def isolation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The isolation a run gets (e.g. `"namespace+uid"`): the machine's best, then the forced `process` fallback."""
-    if request.param == "process":
-        monkeypatch.setenv(sandbox.ISOLATION_ENV_VAR, "process")
-    else:
-        monkeypatch.delenv(sandbox.ISOLATION_ENV_VAR, raising=False)
-    if request.param not in _isolation_of_mode:
-        _isolation_of_mode[request.param] = run_tests("pass", ["assert True"], limits=FAST).isolation
-    return _isolation_of_mode[request.param]
-
-
 def _contains_hostile_code(isolation: str) -> bool:
     # Only root without a uid drop lacks containment (documented); every other mode must contain everything.
     return os.geteuid() != 0 or isolation.endswith("+uid")

@@ -15,10 +15,13 @@ import yaml
 from datasets import Dataset
 from safetensors.torch import load_file
 
+from ilr.checkpoints import latest_checkpoint
 from ilr.configs import AgentConfig, ILRConfig, parse_recipe
 from ilr.rewards import REWARD_FUNCS
+from ilr.sampler import QuestionSampler
+from ilr.samples import TrainingSample, collate_samples
 from ilr.testing import assert_session_ends
-from ilr.trainer import ILRTrainer, QuestionSampler, TrainingSample, collate_samples, latest_checkpoint
+from ilr.trainer import ILRTrainer
 
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -96,15 +99,6 @@ def make_trainer(tmp_path, model_a, model_b, reward_funcs=None, **overrides) -> 
         Dataset.from_list(toy_rows()),
         reward_funcs or {"digits": digits_reward},
     )
-
-
-@pytest.fixture
-def one_thread():
-    # On 2 shared cores, torch's default intra-op threads fight with every other process: one thread is much faster.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -240,7 +234,13 @@ def test_unscored_rewards_are_nan_counted_and_get_zero_advantage(tmp_path, tiny_
 # ---------------------------------------------------------------------------------------------------------------------
 def _share_rewards(tmp_path, model_a, model_b, sign: float) -> np.ndarray:
     trainer = make_trainer(tmp_path, model_a, model_b)
-    trainer._advantage_sign = sign
+    compute_advantages = trainer.compute_advantages
+
+    def signed_advantages(calibrated, raw=None):  # sign -1: every advantage flipped, a run that must not learn
+        advantages, changes = compute_advantages(calibrated, raw)
+        return {stage: sign * stage_advantages for stage, stage_advantages in advantages.items()}, changes
+
+    trainer.compute_advantages = signed_advantages
     trainer.train()
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     return np.array([[line["ilr/a/share/reward"], line["ilr/b/share/reward"]] for line in lines])
@@ -292,7 +292,7 @@ def test_ability_refresh_resolves_gamma_from_the_share_accuracy_of_the_window():
     from types import SimpleNamespace
 
     from ilr.difficulty import IRTEstimate
-    from ilr.trainer import StepRewards
+    from ilr.scoring import StepRewards
 
     trainer = object.__new__(ILRTrainer)
     trainer.args = SimpleNamespace(ability_refresh_steps=2, irt_scale=1.7)

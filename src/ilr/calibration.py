@@ -4,95 +4,11 @@ For m >= 2 agents trained together, the calibrated reward of agent i's k-th resp
 
     R'_{i,k} = R_{i,k} + sum_{l != i} clip( (R_{i,k} - avg_l) / (max_l - min_l), -1/(m-1), +1/(m-1) )
 
-where avg_l, max_l and min_l are statistics of peer l's rewards, and GRPO then runs on R' as usual. Which rewards
-enter the statistics is our choice (`calibration_scope`):
+with peer l's statistics over the same question and stage (`calibration_scope: group`) or the whole batch (`batch`);
+NaN rewards (unscorable) stay NaN and are left out of every statistic. Pure tensor code: no I/O, no model.
 
-- `group` (default): peer l's G rewards for the *same question and stage*.
-- `batch`: peer l's rewards for every question of the batch in that stage.
-
-A peer whose rewards are all equal has `max_l - min_l == 0`; `calibration_eps` is then the denominator and the peer's
-value itself its mean (never a rounded mean), so its term is exactly 0 for a reward equal to the peer's and ±1/(m-1)
-(clipped) for any other reward.
-
-## When calibration is a no-op (read this before reporting a calibration ablation)
-
-Within one GRPO group (agent i, question q, stage), the peer statistics are the *same for every sample k*, in both
-scopes. Calibration therefore applies one function to all G rewards of the group:
-
-    f(R) = R + sum_{l != i} clip((R - avg_l) / range_l, -b, b),     b = 1/(m-1)
-
-f is strictly increasing (the identity plus non-decreasing terms), and on the rewards of the group it is
-
-1. **affine** with slope `a = 1 + sum_l 1/range_l` when no term of the group is clipped, whatever the reward values;
-2. **affine on any two-valued set**, clipped or not: a strictly increasing map of two points is always affine. With
-   **binary rewards** (accuracy 1/0) the slope is `a = f(1) - f(0) = 1 + sum_l [clip(1 - avg_l) - clip(-avg_l)]`:
-   `min(1 - p_l, b) + min(p_l, b)` for a peer with mixed results (range 1, success rate p_l), `b` for a peer with
-   constant results (range 0 -> eps);
-3. for **m = 2 and binary rewards**, `b = 1` and each of those is exactly 1: **`a = 2` for every group** (1 where the
-   peer has no scorable reward), i.e. `f(R) = 2R + c_q`. With `batch` scope, f is moreover the same for all questions.
-
-How the three `scale_rewards` modes react to f (up to TRL's `+1e-4` on the std; NaN rewards are left out of every
-statistic and get advantage 0 either way):
-
-- `group`, `A = (R - mean_q) / (std_q + 1e-4)`: invariant under a positive affine map of the group's rewards. A slope
-  a >= 1 gives `A' = A * (std + 1e-4) / (std + 1e-4 / a)`, a relative change below `1e-4 / std`.
-- `none`, `A = R - mean_q`: multiplied by the group's slope a_q.
-- `batch`, `A = (R - mean_q) / (std_batch + 1e-4)`: the numerator is multiplied by a_q, but the batch std is taken over
-  *all* calibrated rewards, so the per-question intercepts c_q of `f = a_q R + c_q` enter it. With equal slopes the
-  result is a uniform rescaling `A' = kappa * A` (kappa = 1 when the intercepts are equal too, e.g. `batch` scope).
-
-Hence, per agent and stage (kappa: one positive factor for the whole batch; in brackets: with `batch` scope):
-
-| rewards                       | `scale_rewards: group` | `batch`                 | `none`             |
-|-------------------------------|------------------------|-------------------------|--------------------|
-| binary, m = 2                 | unchanged              | x kappa (unchanged)     | x 2                |
-| binary, m >= 3                | unchanged              | changed (unchanged)     | x a_q (x a)        |
-| multi-valued, nothing clipped | unchanged              | changed (unchanged)     | x a_q (x a)        |
-| multi-valued, clipping active | changed                | changed                 | changed            |
-
-"x 2" and "x kappa" rescale the agent's whole policy gradient of that stage and step without changing its direction
-(groups whose peer has no scorable reward keep slope 1): with `beta: 0` that is a per-step learning-rate factor (which
-Adam largely normalises away); with `beta > 0` it also shifts the balance against the KL term, and with `batch`
-scaling kappa can differ between the stages an agent trains on in one step. So in the paper's main setting, two agents
-and a 0/1 accuracy reward, the formula cannot change the direction of a stage's GRPO gradient, whatever the
-normalisation and scope.
-
-When do terms get clipped with binary rewards? A mixed peer gives the term `R - p_l`: never clipped for m = 2
-(`|R - p_l| <= 1 = b`), clipped for m >= 3 whenever `|R - p_l| > 1/(m-1)` (m = 3: for one of the two reward values
-whenever `p_l != 1/2`). A constant peer (all correct or all wrong on the question, or on the whole batch with `batch`
-scope) is clipped for every reward that differs from its value. So for m = 2, group scope, binary rewards, clipping
-happens exactly when the peer solved all or none of its samples and the agent's reward differs; by points 2 and 3
-it changes nothing beyond the first row of the table. `tests/test_calibration.py` checks the table's rows with
-property tests.
-
-## When calibration matters
-
-It changes the relative weight of an agent's samples within a step only with:
-
-- multi-valued rewards (accuracy plus a weighted format reward, the fraction of tests passed for code) *with clipping
-  active*: f is then piecewise linear, not affine, on the group's rewards. It changes the gaps between them (never
-  their order), under any `scale_rewards`;
-- `scale_rewards: none` or `batch` with `group` scope and slopes a_q that differ between questions: m >= 3 agents, or
-  multi-valued rewards. Calibration then re-weights questions by how spread (and, with clipping, how good) the peers'
-  results are.
-
-`batch` scope on its own changes the constants of f, never its monotonicity: it matters only through these cases
-(it changes which terms are clipped). Everything else is a no-op or a uniform per-step rescaling.
-
-Log `calibration/clip_frac` ([`CalibrationResult.clip_frac`]) and `calibration/adv_delta` ([`advantage_delta`], mean
-|A' - A| between the advantages with and without calibration) to see whether calibration moved anything in a run, and
-`calibration/reshaped_frac` and `calibration/sign_flip_frac` ([`advantage_change`]) to tell a rescaling (both 0) from a
-change of the gradient's direction within groups.
-
-## NaN rewards (a reward function returned `None`: cannot score)
-
-- A NaN reward is left out of the peer statistics (nan-aware mean, max and min).
-- An agent's own NaN reward stays NaN after calibration (never silently 0); the advantage code excludes it.
-- A peer with no scorable reward in the scope (all NaN) contributes 0 to every term of that group (scope `batch`:
-  of the whole batch): there is nothing to compare with.
-- `clip_frac` counts only the terms that exist: own reward not NaN, peer statistics defined.
-
-Pure tensor code: no I/O, no model.
+When the formula changes GRPO's gradient and when it is a no-op (with two agents and 0/1 rewards it never changes a
+stage's gradient direction): docs/calibration.md.
 """
 
 from __future__ import annotations

@@ -800,7 +800,8 @@ def _idea3_modes(config: EvalConfig, num_agents: int) -> Callable[[list[str]], n
     if config.irt_cache is None:
         cooperate = (config.mode or "cooperate") == "cooperate"
         return lambda ids: np.full((len(ids), num_agents), cooperate)
-    from ilr.difficulty import load_irt, select_modes
+    from ilr.difficulty import select_modes
+    from ilr.irt import load_irt
 
     if not Path(config.irt_cache).is_file():
         raise FileNotFoundError(f"IRT cache not found: {config.irt_cache}")

@@ -612,3 +612,43 @@ def _convert(key: str, action: argparse.Action, value: Any, scalar_type: type | 
         choices = list(map(str, action.choices))
         raise RecipeError(f"Recipe key `{key}` must be one of {choices} (got {value!r}); set one of these.")
     return converted
+
+
+def check_ilr_trainer_settings(args: Any, agents: Sequence[Any]) -> None:
+    """
+    GRPO settings that TRL accepts but the ILR loop does not implement, and the Hub settings it needs per agent;
+    raised, naming the key and the fix, before any model loads. Called by [`~ilr.trainer.ILRTrainer`].
+
+    Args:
+        args ([`~ilr.configs.ILRConfig`]):
+            The training settings (`method: ilr`).
+        agents (`Sequence[AgentConfig]`):
+            The trained agents.
+    """
+    unsupported = {
+        "importance_sampling_level": (args.importance_sampling_level, "token"),
+        "top_entropy_quantile": (args.top_entropy_quantile, 1.0),
+        "delta": (args.delta, None),
+        "off_policy_mask_threshold": (getattr(args, "off_policy_mask_threshold", None), None),
+        "entropy_coef": (getattr(args, "entropy_coef", 0.0), 0.0),
+        "repetition_penalty": (args.repetition_penalty, 1.0),
+        "min_p": (args.min_p, None),
+        "sync_ref_model": (args.sync_ref_model, False),
+    }
+    for key, (value, supported) in unsupported.items():
+        if value != supported:
+            raise NotImplementedError(
+                f"`{key}: {value}` is not implemented by the ILR trainer; remove it from the recipe (supported: "
+                f"{supported})."
+            )
+    if not str(args.optim).lower().removeprefix("optimizernames.").startswith("adamw"):
+        raise NotImplementedError(f"`optim: {args.optim}`: the ILR trainer uses AdamW; set `optim: adamw_torch`.")
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) not in ("steps", "no"):
+        raise NotImplementedError(f"`save_strategy: {args.save_strategy}`: use `steps` (with `save_steps`) or `no`.")
+    if args.push_to_hub:
+        missing = [agent.name for agent in agents if not agent.hub_model_id]
+        if missing:
+            raise ValueError(
+                f"`push_to_hub: true` pushes each agent to its own repository, but agents {missing} have no "
+                "`hub_model_id`: set one per agent (e.g. `hub_model_id: org/name-ilr`) or `push_to_hub: false`."
+            )
