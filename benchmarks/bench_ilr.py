@@ -356,9 +356,7 @@ def run_ilr(
                 replay.append(batch_prompts)
     for backend in trainer.backends:
         backend.close()  # a vLLM engine holds its KV cache (and its engine process) until closed
-    agent_state_mb = [
-        state_megabytes(model, optimizer) for model, optimizer in zip(trainer.models, trainer.optimizers)
-    ]
+    agent_state_mb = [state_megabytes(runtime.model, runtime.optimizer) for runtime in trainer.runtimes]
     for record in probe.records:
         record["agent_state_mb"] = agent_state_mb
     return probe.records
