@@ -366,7 +366,7 @@ def write_recipe(
 ) -> Path:
     """
     Write the resolved recipe (every setting, defaults and CLI overrides included) as one flat YAML, credentials
-    removed (`ilr.cards.redact_recipe`): it can be passed back with `--config` to run the same settings again.
+    removed (`ilr.redact.redact_recipe`): it can be passed back with `--config` to run the same settings again.
 
     Args:
         path (`str` or `os.PathLike`):
@@ -383,8 +383,8 @@ def write_recipe(
 
     import yaml
 
-    from ilr.cards import is_credential_key, redact_recipe
     from ilr.files import write_text_atomic
+    from ilr.redact import is_credential_key, redact_recipe
 
     def settings(obj: Any) -> dict[str, Any]:
         # `TrainingArguments.to_dict` writes its nested configs as dicts, which it reads back.
