@@ -10,6 +10,7 @@ writes to `<output_dir>/trainer_state.json` when it ends. [`generated_tokens`] r
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 
-__all__ = ["GeneratedTokensCallback", "generated_tokens"]
+__all__ = ["GeneratedTokensCallback", "generated_tokens", "matched_generations"]
 
 ILR_METRICS_NAME = "metrics.jsonl"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -83,3 +84,30 @@ def generated_tokens(train_dir: str | os.PathLike, agents: Sequence[str]) -> dic
         f"{train_dir} holds neither {ILR_METRICS_NAME} (ILR) nor {TRAINER_STATE_NAME} (GRPO baseline): the run has "
         "not finished. Train it again (`ilr train` resumes from its last checkpoint)."
     )
+
+
+def matched_generations(training_args: Any, questions: int, num_processes: int) -> tuple[int, int]:
+    """
+    Completions per question of a compute-matched baseline ([`compute_matched_args`]), and the ILR agent's token
+    budget per question they match.
+
+    Args:
+        training_args ([`~ilr.configs.ILRConfig`]):
+            The recipe's settings.
+        questions (`int`):
+            Questions per step (all processes).
+        num_processes (`int`):
+            Training processes: the generation batch must split into their micro-batches.
+
+    Returns:
+        `tuple[int, int]`: completions per question, and the budget in tokens.
+    """
+    group, length = training_args.num_generations, training_args.max_completion_length
+    analysis_length = training_args.max_analysis_length or length
+    fuse = group if "fuse" in training_args.train_stages else 1  # as `ILRTrainer` samples it
+    budget = (group + fuse) * length + training_args.analysis_samples * analysis_length  # per question and agent
+    micro_batch = training_args.per_device_train_batch_size * num_processes
+    matched = math.ceil(budget / length)
+    while questions * matched % micro_batch:
+        matched += 1
+    return matched, budget

@@ -593,7 +593,7 @@ def build_plan(
     questions = _questions_per_step(args, train_gpus, explicit_generation_batch)
     samples = None
     if args.method == "grpo" and args.compute_matched:
-        from ilr.train import matched_generations
+        from ilr.compute import matched_generations
 
         samples, _ = matched_generations(args, questions, train_gpus)
     stages = stage_lengths(args, len(agents), question_tokens, samples)
@@ -1063,6 +1063,6 @@ def plan_command(argv: Sequence[str]) -> int:
 
 
 def _config_path(args: Sequence[str]) -> str | None:
-    from ilr.train import _flag_value  # ilr.train imports nothing heavy at module level
+    from ilr.recipe_check import flag_value
 
-    return _flag_value(args, "--config")
+    return flag_value(args, "--config")

@@ -14,7 +14,7 @@ import copy
 import functools
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -416,3 +416,24 @@ def _parse_with_trl(args: list[str], hardware_notes: list[str] | None) -> tuple[
     from ilr.configs import parse_recipe
 
     return parse_recipe(args, hardware_notes=hardware_notes)
+
+
+def flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """
+    The value of `flag` (`--config`, `--log_level`) on a command line, before the recipe is parsed.
+
+    Args:
+        argv (`Sequence[str]`):
+            The command line's arguments.
+        flag (`str`):
+            The flag, with its dashes.
+
+    Returns:
+        `str` or `None`: Its value (`--flag value` or `--flag=value`), or `None` when it is not given.
+    """
+    for index, arg in enumerate(argv):
+        if arg == flag and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith(f"{flag}="):
+            return arg.split("=", 1)[1]
+    return None

@@ -25,13 +25,14 @@ import atexit
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ilr.recipe_check import flag_value
 
 
 logger = logging.getLogger(__name__)
@@ -394,6 +395,8 @@ def compute_matched_args(training_args: Any) -> Any:
     Returns:
         [`~ilr.configs.ILRConfig`]: A copy with `num_generations` and `generation_batch_size` raised.
     """
+    from ilr.compute import matched_generations  # imports transformers
+
     group, length = training_args.num_generations, training_args.max_completion_length
     questions = training_args.generation_batch_size // group
     matched, budget = matched_generations(training_args, questions, training_args.world_size)
@@ -411,33 +414,6 @@ def compute_matched_args(training_args: Any) -> Any:
         steps_per_generation=None,
         compute_matched=False,
     )
-
-
-def matched_generations(training_args: Any, questions: int, num_processes: int) -> tuple[int, int]:
-    """
-    Completions per question of a compute-matched baseline ([`compute_matched_args`]), and the ILR agent's token
-    budget per question they match.
-
-    Args:
-        training_args ([`~ilr.configs.ILRConfig`]):
-            The recipe's settings.
-        questions (`int`):
-            Questions per step (all processes).
-        num_processes (`int`):
-            Training processes: the generation batch must split into their micro-batches.
-
-    Returns:
-        `tuple[int, int]`: completions per question, and the budget in tokens.
-    """
-    group, length = training_args.num_generations, training_args.max_completion_length
-    analysis_length = training_args.max_analysis_length or length
-    fuse = group if "fuse" in training_args.train_stages else 1  # as `ILRTrainer` samples it
-    budget = (group + fuse) * length + training_args.analysis_samples * analysis_length  # per question and agent
-    micro_batch = training_args.per_device_train_batch_size * num_processes
-    matched = math.ceil(budget / length)
-    while questions * matched % micro_batch:
-        matched += 1
-    return matched, budget
 
 
 def cli_main(argv: Sequence[str] | None = None) -> int:
@@ -458,29 +434,19 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     if "--verbose" in argv:  # the console's switch; the recipe's own is `log_level`
         argv = [arg for arg in argv if arg != "--verbose"] + ["--log_level", "info"]
     # Before the libraries are imported: some speak at import time (DeepSpeed's accelerator probe).
-    console.setup(verbose=_flag_value(argv, "--log_level"))  # the recipe's own is applied once it is parsed
+    console.setup(verbose=flag_value(argv, "--log_level"))  # the recipe's own is applied once it is parsed
 
     from ilr.configs import parse_recipe
     from ilr.trainer import TrainingInterrupted
 
     try:
-        main(*parse_recipe(argv), recipe_path=_flag_value(argv, "--config"))
+        main(*parse_recipe(argv), recipe_path=flag_value(argv, "--config"))
     except TrainingInterrupted as stop:
         logger.warning("Training %s", stop)
         return 128 + stop.signum
     finally:
         console.teardown()  # `ilr train` may run in-process (`ilr.cli.main` in tests): leave no handler behind
     return 0
-
-
-def _flag_value(argv: Sequence[str], flag: str) -> str | None:
-    """The value of `flag` (`--config`, `--log_level`) on a command line, before the recipe is parsed."""
-    for index, arg in enumerate(argv):
-        if arg == flag and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith(f"{flag}="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def end_process(code: int) -> int:
