@@ -72,7 +72,7 @@ class _State:
         self.console = logging.StreamHandler(stream)
         self.console.addFilter(_ConsoleFilter(self))
         self.console.setFormatter(_ConsoleFormatter(self))
-        self.files: list[logging.Handler] = []
+        self.files: list[_LogFile] = []
 
     @property
     def verbose(self) -> bool:
@@ -232,6 +232,33 @@ def teardown() -> None:
     _state = None
 
 
+class _LogFile(logging.FileHandler):
+    """
+    A log file created only once the run announces itself ([`announce`]): the records before that wait in memory, so
+    that bad input found while the run is set up (a missing model, data without the benchmark's columns) writes
+    nothing into the output folder.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__(path, mode="a", encoding="utf-8", delay=True)
+        self.pending: list[logging.LogRecord] | None = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.pending is not None:
+            self.pending.append(record)
+        else:
+            super().emit(record)
+
+    def start(self) -> None:
+        """Create the file (and its folder) and write the records held so far; later records go straight to it."""
+        if self.pending is None:
+            return
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        pending, self.pending = self.pending, None
+        for record in pending:
+            super().emit(record)
+
+
 @contextlib.contextmanager
 def log_file(path: str | os.PathLike, *, main_process: bool = True) -> Iterator[Path | None]:
     """
@@ -253,8 +280,7 @@ def log_file(path: str | os.PathLike, *, main_process: bool = True) -> Iterator[
     if _state is None:
         setup()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler = _LogFile(path)
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter(_FORMAT, _DATE_FORMAT))
     root = logging.getLogger()
@@ -265,6 +291,8 @@ def log_file(path: str | os.PathLike, *, main_process: bool = True) -> Iterator[
     try:
         yield path
     finally:
+        if path.parent.is_dir():  # a run stopped before it announced itself leaves no new folder behind
+            handler.start()
         root.removeHandler(handler)
         if handler in _state.files if _state is not None else False:
             _state.files.remove(handler)
@@ -283,6 +311,9 @@ def announce(message: str, *args: Any, source: logging.Logger | None = None) -> 
         source (`logging.Logger`, *optional*):
             The logger it is recorded under (defaults to `ilr.console`).
     """
+    if _state is not None:
+        for handler in _state.files:
+            handler.start()  # the run is under way: its log file may now be created
     (source or logger).info(message, *args, extra=SHOW)
 
 

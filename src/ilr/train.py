@@ -124,8 +124,10 @@ def main(
                 recipe = console.write_recipe(
                     output_dir / RECIPE_NAME, script_args, agents_args, training_args, source=recipe_path
                 )
-                console.announce(describe_training(script_args, agents_args, training_args, log_path, recipe))
-            return _train(script_args, agents_args, training_args, recipe_path, main_process)
+                line = describe_training(script_args, agents_args, training_args, log_path, recipe)
+            else:
+                line = None
+            return _train(script_args, agents_args, training_args, recipe_path, line)
     finally:
         if created:  # called as a library function (tests, scripts): leave no handler behind
             console.teardown()
@@ -191,8 +193,9 @@ def describe_training(
     return line + (f" ({', '.join(saved)} there)" if saved else "")
 
 
-def _train(script_args: Any, agents_args: Any, training_args: Any, recipe_path: Any, main_process: bool) -> list[str]:
-    """`main` once the console and the log file are set up."""
+def _train(script_args: Any, agents_args: Any, training_args: Any, recipe_path: Any, line: str | None) -> list[str]:
+    """`main` once the console and the log file are set up; `line` (the main process's) is shown once the data loads,
+    so that bad data stays a one-line error."""
     from transformers import set_seed
 
     from ilr.console import announce, format_duration
@@ -227,6 +230,9 @@ def _train(script_args: Any, agents_args: Any, training_args: Any, recipe_path: 
         math_scoring=script_args.math_scoring,
     )
     logger.info("%d training questions; rewards %s", len(train_dataset), script_args.reward_funcs)
+    main_process = line is not None
+    if main_process:
+        announce(line)
 
     ###############
     # Train
