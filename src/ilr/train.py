@@ -204,8 +204,9 @@ def _train(script_args: Any, agents_args: Any, training_args: Any, recipe_path: 
     from ilr.trainer import ILRTrainer, TrainingInterrupted, latest_checkpoint
 
     start = time.perf_counter()
+    main_process = line is not None
     set_seed(training_args.seed)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main_process:
         from ilr.plan import warn_if_unfit
 
         # Before any model is loaded: the plan needs the models' configs only (`ilr plan` prints it in full).
@@ -230,7 +231,6 @@ def _train(script_args: Any, agents_args: Any, training_args: Any, recipe_path: 
         math_scoring=script_args.math_scoring,
     )
     logger.info("%d training questions; rewards %s", len(train_dataset), script_args.reward_funcs)
-    main_process = line is not None
     if main_process:
         announce(line)
 
